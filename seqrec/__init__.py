@@ -1,0 +1,1 @@
+"""seqrec: SASRec and TiSASRec sequential recommenders, with optional mHC residuals."""

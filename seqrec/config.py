@@ -1,0 +1,304 @@
+"""One typed configuration tree for every entry point.
+
+Every field carries a one-line help text, which is also the command-line help, so
+the flag table in the README, ``--help`` and the YAML keys cannot drift apart.
+Values are resolved in one order: dataclass defaults < preset (the demo preset
+when no dataset is given) < ``--config FILE.yaml`` < command-line flags.
+Flag names are the seed's flat names (``--hidden_units``); the tree only groups
+them, so every leaf name is unique across sections.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TIME_UNITS = ("second", "minute", "hour", "day", "personal")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+LOSSES = ("bce",)
+PROTOCOLS = ("sampled", "full")
+DEMO_PRESET = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line meant for the user."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field whose help text doubles as CLI help and documentation."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = opt(None, "dataset name: reads data/<name>.txt ('demo' = the embedded demo data)")
+    data_path: str | None = opt(None, "path to any interactions file (ratings.dat, 'user item [timestamp]' text or CSV)")
+    user_col: str | None = opt(None, "CSV column holding user ids (default: found by name)")
+    item_col: str | None = opt(None, "CSV column holding item ids (default: found by name)")
+    time_col: str | None = opt(None, "CSV column holding timestamps (default: found by name)")
+    min_user_count: int = opt(0, "drop users with fewer interactions (one pass, as SASRec's preprocessing)")
+    min_item_count: int = opt(0, "drop items with fewer interactions (one pass, as SASRec's preprocessing)")
+    num_workers: int = opt(3, "accepted for seed compatibility; batches are sliced from device tensors, so no loader workers run")
+
+
+@dataclass
+class ModelConfig:
+    maxlen: int = opt(200, "maximum sequence length (the most recent items are kept)")
+    hidden_units: int = opt(50, "embedding and hidden size d")
+    num_blocks: int = opt(2, "number of transformer blocks")
+    num_heads: int = opt(2, "attention heads (must divide hidden_units)")
+    dropout_rate: float = opt(0.2, "dropout on embeddings and sub-layer outputs")
+    norm_first: bool = opt(False, "pre-LayerNorm blocks (default: post-LN as in the SASRec port)")
+    time: bool = opt(False, "TiSASRec time-interval-aware attention (--no_time = SASRec)")
+    time_span: int = opt(100, "largest time interval bucket (intervals are clipped to it)")
+    time_unit: str = opt("hour", f"interval unit: {'|'.join(TIME_UNITS)}")
+    mhc: bool = opt(False, "mHC residual: Sinkhorn-constrained hyper-connections (--no_mhc = plain residual)")
+    mhc_expansion_rate: int = opt(4, "mHC residual streams n")
+    mhc_sinkhorn_iter: int = opt(20, "Sinkhorn-Knopp iterations for H_res")
+    mhc_init_gate: float = opt(0.01, "initial value of the mHC gates alpha")
+    mhc_no_amp: bool = opt(False, "keep the whole mHC path (coefficients and stream mixing) in fp32 under AMP")
+
+
+@dataclass
+class TrainConfig:
+    train_dir: str | None = opt(None, "run directory for config, metrics and checkpoints (default: runs/<dataset>)")
+    batch_size: int = opt(128, "global batch size (users per step)")
+    lr: float = opt(0.001, "peak learning rate (Adam, betas 0.9/0.98)")
+    lr_decay_step: int = opt(1000, "multiply the LR by lr_decay_rate every this many epochs")
+    lr_decay_rate: float = opt(0.95, "step-decay factor")
+    warmup_steps: int = opt(100, "linear warmup steps (0 = none)")
+    l2_emb: float = opt(0.0, "L2 penalty on the item embedding (times its squared norm)")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
+    num_epochs: int = opt(1000, "training epochs")
+    loss: str = opt("bce", f"training loss: {'|'.join(LOSSES)}")
+    seed: int = opt(42, "seed for initialisation, data order, negatives and dropout")
+    eval_every: int = opt(20, "validate every this many epochs (and after the last)")
+    early_stop_patience: int = opt(0, "stop after this many validations without improvement (0 = off)")
+    device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    amp: str = opt("auto", f"mixed precision: {'|'.join(AMP_MODES)} (auto = bf16 on Ampere+, fp16 on older CUDA, off on CPU)")
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    log_every: int = opt(50, "steps between loss/throughput log rows")
+    resume: bool = opt(False, "continue the run in train_dir from its latest checkpoint")
+    overwrite: bool = opt(False, "start afresh in a train_dir that already holds checkpoints")
+    inference_only: bool = opt(False, "only evaluate the model in state_dict_path")
+    state_dict_path: str | None = opt(None, "checkpoint to evaluate with --inference_only")
+
+
+@dataclass
+class EvalConfig:
+    eval_negatives: int = opt(100, "negatives per user in the sampled protocol")
+    eval_seed: int = opt(0, "seed of the sampled-protocol negatives (shared by all runs, independent of --seed)")
+    eval_batch_size: int = opt(512, "users per evaluation batch")
+    topk: list = opt([1, 5, 10, 20], "cut-offs K for full-ranking Recall/NDCG/MRR")
+    mask_history: bool = opt(False, "full ranking: exclude the user's history from the ranking (papers: off)")
+    select_metric: str = opt("sampled/NDCG@10", "validation metric for best checkpoint and early stopping")
+
+
+@dataclass
+class DistConfig:
+    multi_gpu: bool = opt(False, "require a torchrun environment and train with DistributedDataParallel")
+    backend: str | None = opt(None, "process-group backend (default: nccl on CUDA, gloo on CPU)")
+    master_port: int = opt(29500, "rendezvous port when MASTER_PORT is not set by the launcher")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _leaves() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Map each leaf name to (section, field, resolved type)."""
+    out = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = (section.name, f, hints[f.name])
+    return out
+
+
+LEAVES = _leaves()
+
+
+def _coerce(name: str, value: Any, typ: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or fail with one line."""
+    base = typing.get_args(typ)[0] if typing.get_origin(typ) in (typing.Union, type(int | None)) else typ
+    if value is None:
+        if base is typ:
+            raise ConfigError(f"{where}: '{name}' may not be empty")
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is list:
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return [int(v) for v in items]
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: '{name}' expects {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
+    """Set fields from a flat or sectioned mapping; unknown keys are errors."""
+    for key, value in mapping.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                if LEAVES.get(sub_key, (None,))[0] != key:
+                    raise ConfigError(f"{where}: unknown key '{key}.{sub_key}'")
+                set_leaf(cfg, sub_key, sub_value, where)
+        elif key in LEAVES:
+            set_leaf(cfg, key, value, where)
+        else:
+            raise ConfigError(f"{where}: unknown key '{key}'")
+
+
+def set_leaf(cfg: Config, name: str, value: Any, where: str = "config") -> None:
+    section, _, typ = LEAVES[name]
+    setattr(getattr(cfg, section), name, _coerce(name, value, typ, where))
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (YAML- and weights_only-checkpoint-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, where: str = "checkpoint") -> Config:
+    cfg = Config()
+    apply_mapping(cfg, data, where)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values that would fail later, deep inside training, with a worse message."""
+    m, t, e = cfg.model, cfg.train, cfg.eval
+    positive = {
+        "maxlen": m.maxlen, "hidden_units": m.hidden_units, "num_blocks": m.num_blocks,
+        "num_heads": m.num_heads, "time_span": m.time_span, "mhc_expansion_rate": m.mhc_expansion_rate,
+        "mhc_sinkhorn_iter": m.mhc_sinkhorn_iter, "batch_size": t.batch_size,
+        "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
+        "max_bad_steps": t.max_bad_steps, "log_every": t.log_every,
+        "eval_negatives": e.eval_negatives, "eval_batch_size": e.eval_batch_size,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    non_negative = {
+        "warmup_steps": t.warmup_steps, "l2_emb": t.l2_emb, "grad_clip": t.grad_clip,
+        "early_stop_patience": t.early_stop_patience, "min_user_count": cfg.data.min_user_count,
+        "min_item_count": cfg.data.min_item_count, "num_workers": cfg.data.num_workers,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {t.lr}")
+    if not 0 < t.lr_decay_rate <= 1:
+        raise ConfigError(f"lr_decay_rate must be in (0, 1], got {t.lr_decay_rate}")
+    if not 0 <= m.dropout_rate < 1:
+        raise ConfigError(f"dropout_rate must be in [0, 1), got {m.dropout_rate}")
+    if m.hidden_units % m.num_heads:
+        raise ConfigError(f"hidden_units ({m.hidden_units}) must be divisible by num_heads ({m.num_heads})")
+    if not 1 <= m.mhc_expansion_rate <= 8:
+        raise ConfigError(f"mhc_expansion_rate must be in 1..8, got {m.mhc_expansion_rate}")
+    if m.mhc_init_gate < 0:
+        raise ConfigError(f"mhc_init_gate must be >= 0, got {m.mhc_init_gate}")
+    choices = {"time_unit": (m.time_unit, TIME_UNITS), "amp": (t.amp, AMP_MODES), "loss": (t.loss, LOSSES)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+    protocol, _, metric = e.select_metric.partition("/")
+    if protocol not in PROTOCOLS or not metric:
+        raise ConfigError(f"select_metric must look like 'sampled/NDCG@10' or 'full/Recall@20', got '{e.select_metric}'")
+    if not e.topk or min(e.topk) <= 0:
+        raise ConfigError(f"topk must be positive integers, got {e.topk}")
+    if t.inference_only and not t.state_dict_path:
+        raise ConfigError("--inference_only needs --state_dict_path")
+    if t.resume and t.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other")
+    if cfg.data.dataset and cfg.data.data_path:
+        raise ConfigError("give --dataset or --data_path, not both")
+    return cfg
+
+
+def build_parser(prog: str = "seqrec train") -> argparse.ArgumentParser:
+    """Flags generated from the tree; every boolean has --x and --no_x."""
+    parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS,
+                                     description="Train and evaluate SASRec / TiSASRec sequential recommenders.")
+    parser.add_argument("--config", help="YAML file of config keys (flat or by section); flags override it")
+    for section in dataclasses.fields(Config):
+        group = parser.add_argument_group(section.name)
+        for name, (sec, f, typ) in LEAVES.items():
+            if sec != section.name:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{f.metadata['help']} [default: {default}]"
+            if typ is bool:
+                group.add_argument(f"--{name}", dest=name, action="store_const", const=True, help=help_text)
+                group.add_argument(f"--no_{name}", dest=name, action="store_const", const=False,
+                                   help=argparse.SUPPRESS)
+            else:
+                group.add_argument(f"--{name}", dest=name, metavar=name.upper(), help=help_text)
+    compat = parser.add_argument_group("seed compatibility")
+    compat.add_argument("--use_amp", dest="amp", action="store_const", const="auto", help="alias of --amp auto")
+    compat.add_argument("--no_use_amp", dest="amp", action="store_const", const="off", help="alias of --amp off")
+    compat.add_argument("--local-rank", "--local_rank", dest="_local_rank",
+                        help="passed by torch.distributed.launch; ignored (the environment's LOCAL_RANK is used)")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "seqrec train") -> Config:
+    """Resolve defaults < preset < YAML < flags, then validate."""
+    args = vars(build_parser(prog).parse_args(argv))
+    args.pop("_local_rank", None)
+    yaml_path = args.pop("config", None)
+    from_yaml = load_yaml(yaml_path) if yaml_path else {}
+    cfg = Config()
+    if not _names_data(from_yaml) and not ({"dataset", "data_path"} & args.keys()):
+        apply_mapping(cfg, load_yaml(DEMO_PRESET), str(DEMO_PRESET))
+    apply_mapping(cfg, from_yaml, str(yaml_path))
+    for name, value in args.items():
+        set_leaf(cfg, name, value, f"--{name}")
+    return validate(cfg)
+
+
+def _names_data(mapping: dict) -> bool:
+    flat = dict(mapping)
+    flat.update(mapping.get("data", {}) if isinstance(mapping.get("data"), dict) else {})
+    return bool(flat.get("dataset") or flat.get("data_path"))

@@ -1,0 +1,35 @@
+"""Data: read interaction files, build chronological sequences, split, batch and sample."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DataConfig
+from .readers import DataError, Interactions, read_interactions
+from .sequences import Sequences, build_sequences
+from .tensors import EvalSplit, SequenceTensors
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+def resolve_path(cfg: DataConfig) -> Path:
+    """--data_path as given; --dataset NAME -> data/NAME.txt in the working directory or the repository."""
+    if cfg.data_path:
+        return Path(cfg.data_path)
+    if not cfg.dataset:
+        raise DataError("no data: give --dataset NAME or --data_path FILE")
+    for base in (Path("data"), REPO_DATA):
+        path = base / f"{cfg.dataset}.txt"
+        if path.exists():
+            return path
+    hint = " (run data/convert_ml1m.py first)" if cfg.dataset == "ml-1m" else ""
+    raise DataError(f"data/{cfg.dataset}.txt: dataset '{cfg.dataset}' not found{hint}")
+
+
+def load_sequences(cfg: DataConfig) -> Sequences:
+    path = resolve_path(cfg)
+    interactions = read_interactions(str(path), user_col=cfg.user_col, item_col=cfg.item_col, time_col=cfg.time_col)
+    return build_sequences(interactions, cfg.min_user_count, cfg.min_item_count)
+
+
+__all__ = ["DataError", "EvalSplit", "Interactions", "Sequences", "SequenceTensors", "build_sequences",
+           "load_sequences", "read_interactions", "resolve_path"]

@@ -1,0 +1,100 @@
+"""Padded tensors built once, on the training device, and sliced into batches.
+
+Training input for user u is the left-padded window of its training items
+(the last maxlen + 1), shifted by one: input = window[:-1], positives = window[1:].
+Validation input is the training part and its target the second-last item; test
+input is the training part plus the validation item and its target the last item,
+so no input ever contains its own target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .sampling import STREAM_EVAL, STREAM_ORDER, STREAM_TRAIN, draw_negatives, hash_ints
+from .sequences import Sequences
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class EvalSplit:
+    """Inputs, targets and sampled-protocol candidates of one evaluation split."""
+
+    users: torch.Tensor  # [E] user indices
+    items: torch.Tensor  # [E, L]
+    times: torch.Tensor | None  # [E, L]
+    targets: torch.Tensor  # [E]
+    negatives: torch.Tensor  # [E, eval_negatives], items the user never interacted with
+    history: torch.Tensor  # sorted keys of the input items, for optional history masking
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def batch(self, rows: slice | torch.Tensor) -> Batch:
+        out = {"items": self.items[rows], "targets": self.targets[rows],
+               "negatives": self.negatives[rows], "users": self.users[rows]}
+        if self.times is not None:
+            out["times"] = self.times[rows]
+        return out
+
+
+class SequenceTensors:
+    """Everything the trainer and evaluator read, resident on one device."""
+
+    def __init__(self, seqs: Sequences, maxlen: int, device: torch.device | str,
+                 eval_negatives: int = 100, eval_seed: int = 0):
+        self.num_items = seqs.num_items
+        self.num_users = seqs.num_users
+        self.maxlen = maxlen
+        self.has_times = seqs.times is not None
+        starts = seqs.offsets[:-1]
+        train_len = seqs.train_lengths
+        as_t = lambda a: None if a is None else torch.as_tensor(a, device=device)  # noqa: E731
+
+        items, times = seqs.window(np.arange(self.num_users), starts + train_len, maxlen + 1)
+        self.train_items, self.train_times = as_t(items), as_t(times)
+        self.train_users = as_t(np.flatnonzero(train_len >= 2))
+        self.train_history = as_t(seqs.history_keys(train_len))
+        self.item_counts = torch.bincount(as_t(seqs.items[seqs.prefix_mask(train_len)]),
+                                          minlength=self.num_items + 1)
+        full_history = as_t(seqs.history_keys(seqs.lengths))
+        users = np.flatnonzero(seqs.lengths >= 3)
+        self.splits = {
+            name: self._eval_split(seqs, users, input_len, full_history, eval_negatives, eval_seed, as_t)
+            for name, input_len in (("valid", train_len), ("test", train_len + 1))
+        }
+
+    def _eval_split(self, seqs, users, input_len, full_history, num_neg, seed, as_t) -> EvalSplit:
+        end = (seqs.offsets[:-1] + input_len)[users]
+        items, times = seqs.window(users, end, self.maxlen)
+        users_t = as_t(users)
+        negatives = draw_negatives(full_history, self.num_items, users_t[:, None],
+                                   torch.arange(num_neg, device=users_t.device)[None, :], seed, STREAM_EVAL)
+        return EvalSplit(users=users_t, items=as_t(items), times=as_t(times),
+                         targets=as_t(seqs.items[end]), negatives=negatives,
+                         history=as_t(seqs.history_keys(input_len)))
+
+    @property
+    def num_train_users(self) -> int:
+        return len(self.train_users)
+
+    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
+        """A seeded permutation of training users, a pure function of (seed, epoch)."""
+        keys = hash_ints(seed, STREAM_ORDER, epoch, self.train_users)
+        return self.train_users[torch.argsort(keys)]
+
+    def train_batch(self, users: torch.Tensor, seed: int, epoch: int, num_negatives: int = 1) -> Batch:
+        """Inputs, positives and negatives ([B, L] or [B, L, k]) for a batch of user indices."""
+        window = self.train_items[users]
+        pos = window[:, 1:]
+        slots = torch.arange(self.maxlen * num_negatives, device=users.device).view(1, self.maxlen, num_negatives)
+        neg = draw_negatives(self.train_history, self.num_items, users[:, None, None], slots,
+                             seed, STREAM_TRAIN, epoch)
+        neg = neg.masked_fill_((pos == 0)[..., None], 0)
+        batch = {"items": window[:, :-1], "pos": pos, "neg": neg if num_negatives > 1 else neg[..., 0]}
+        if self.train_times is not None:
+            batch["times"] = self.train_times[users, :-1]
+        return batch

@@ -1,0 +1,88 @@
+"""Sampled-100 and full-ranking evaluation, batched, sharded over ranks.
+
+Each rank scores a contiguous shard of users; metric sums (float64) and user counts
+are all-reduced, so the result equals the one-process result. The sampled
+candidates are fixed per (eval_seed, user) when the data is built, which keeps the
+numbers independent of batch size, training RNG and world size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import distributed as dist
+from .config import EvalConfig
+from .data.tensors import EvalSplit
+from .metrics import metric_sums, pessimistic_rank
+
+
+def _shard(n: int) -> range:
+    per_rank = -(-n // dist.world_size())
+    start = dist.rank() * per_rank
+    return range(start, min(n, start + per_rank))
+
+
+def _mask_history(scores: torch.Tensor, split: EvalSplit, users: torch.Tensor, num_items: int) -> None:
+    """Set the scores of each user's input items to -inf (variable-length, gathered from sorted keys)."""
+    width = num_items + 1
+    lo = torch.searchsorted(split.history, users * width)
+    hi = torch.searchsorted(split.history, (users + 1) * width)
+    counts = hi - lo
+    rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+    first = torch.repeat_interleave(lo - (counts.cumsum(0) - counts), counts)
+    keys = split.history[torch.arange(rows.numel(), device=users.device) + first]
+    scores[rows, keys - users[rows] * width] = float("-inf")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: EvalSplit, cfg: EvalConfig, num_items: int,
+             protocols: tuple[str, ...] = ("sampled", "full")) -> dict[str, float]:
+    """Metrics of one split as {'sampled/NDCG@10': ..., 'full/Recall@20': ...}."""
+    was_training = model.training
+    model.eval()
+    shard = _shard(len(split))
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(shard.start, shard.stop, cfg.eval_batch_size):
+        batch = split.batch(slice(start, min(shard.stop, start + cfg.eval_batch_size)))
+        hidden = model(batch)[:, -1].float()
+        target = batch["targets"]
+        parts = []
+        if "sampled" in protocols:
+            cand = torch.cat([target[:, None], batch["negatives"]], dim=1)
+            scores = model.score(hidden[:, None, :], cand).float()
+            ranks = pessimistic_rank(scores[:, 0], scores[:, 1:])
+            parts.append(metric_sums(ranks, [10], ("HR", "NDCG"), "sampled/"))
+        if "full" in protocols:
+            scores = model.score_all(hidden).float()
+            target_score = scores.gather(1, target[:, None])[:, 0]
+            scores[:, 0] = float("-inf")
+            if cfg.mask_history:
+                _mask_history(scores, split, batch["users"], num_items)
+            scores.scatter_(1, target[:, None], float("-inf"))
+            ranks = pessimistic_rank(target_score, scores)
+            parts.append(metric_sums(ranks, cfg.topk, prefix="full/"))
+        for part in parts:
+            for name, value in part.items():
+                sums[name] = sums.get(name, 0) + value
+    device = split.targets.device
+    names = _metric_names(cfg, protocols)
+    packed = torch.stack([torch.as_tensor(sums.get(n, 0.0), dtype=torch.float64, device=device) for n in names]
+                         + [torch.tensor(float(len(shard)), dtype=torch.float64, device=device)])
+    packed = dist.all_reduce_sum(packed).cpu()
+    model.train(was_training)
+    return {name: (packed[i] / packed[-1]).item() for i, name in enumerate(names)}
+
+
+def _metric_names(cfg: EvalConfig, protocols: tuple[str, ...]) -> list[str]:
+    """A fixed order, so every rank (even one with an empty shard) reduces the same vector."""
+    names = []
+    if "sampled" in protocols:
+        names += ["sampled/HR@10", "sampled/NDCG@10"]
+    if "full" in protocols:
+        names += [f"full/{m}@{k}" for k in cfg.topk for m in ("Recall", "NDCG", "MRR")]
+    return sorted(names)
+
+
+def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = (
+        "sampled/HR@10", "sampled/NDCG@10", "full/Recall@10", "full/NDCG@10", "full/Recall@20", "full/MRR@20")) -> str:
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)

@@ -1,0 +1,51 @@
+"""Causal multi-head self-attention over left-padded sequences.
+
+Attention-weight dropout (what the reference ports do) makes PyTorch's CPU
+``scaled_dot_product_attention`` leave its fused kernel: measured 0.038 s vs 0.203 s
+forward+backward at B=128, h=2, L=200 on the 2-core CPU. Dropout is therefore applied
+to the sub-layer output instead, and the fused kernel is kept; a boolean mask costs
+nothing extra there (0.039 s), so key padding is masked exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dropout import Dropout
+
+
+def attention_mask(items: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] boolean mask: causal, padded keys hidden from real queries.
+
+    A padded query may still see itself so that no softmax row is empty (its output
+    is never used); a real query never sees padding because padding only precedes it.
+    """
+    length = items.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril_()
+    eye = torch.eye(length, dtype=torch.bool, device=items.device)
+    return (causal & ((items != 0)[:, None, :] | eye))[:, None]
+
+
+class CausalSelfAttention(nn.Module):
+    """Fused-QKV multi-head attention with an output projection and output dropout."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = Dropout(dropout)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        return x.view(b, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, length, dh = x.shape
+        return x.transpose(1, 2).reshape(b, length, h * dh)
+
+    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"])
+        return self.dropout(self.out(self.merge_heads(z)))

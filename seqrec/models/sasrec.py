@@ -1,0 +1,98 @@
+"""SASRec backbone (Kang & McAuley, 2018) with post- or pre-LayerNorm blocks.
+
+The model API is fixed for every variant: ``forward(batch) -> hidden [B, L, d]``,
+``score(hidden, items)`` for given candidates and ``score_all(hidden)`` for the whole
+catalogue. Models never move data or hold a device; the trainer does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import CausalSelfAttention, attention_mask
+from .dropout import Dropout
+
+
+class FeedForward(nn.Module):
+    """Point-wise two-layer FFN (the reference's kernel-1 convolutions)."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout),
+                                 nn.Linear(dim, dim), Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        return self.net(x)
+
+
+class Residual(nn.Module):
+    """x + F(x) with the LayerNorm before F (pre-LN) or after the sum (post-LN)."""
+
+    def __init__(self, sublayer: nn.Module, dim: int, norm_first: bool):
+        super().__init__()
+        self.sublayer = sublayer
+        self.norm = nn.LayerNorm(dim, eps=1e-8)
+        self.norm_first = norm_first
+
+    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        if self.norm_first:
+            return x + self.sublayer(self.norm(x), ctx)
+        return self.norm(x + self.sublayer(x, ctx))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_items: int):
+        super().__init__()
+        d = cfg.hidden_units
+        self.num_items = num_items
+        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.maxlen + 1, d, padding_idx=0)
+        self.emb_dropout = Dropout(cfg.dropout_rate)
+        self.layers = nn.ModuleList()
+        for _ in range(cfg.num_blocks):
+            self.layers.append(Residual(self.make_attention(cfg), d, cfg.norm_first))
+            self.layers.append(Residual(FeedForward(d, cfg.dropout_rate), d, cfg.norm_first))
+        self.final_norm = nn.LayerNorm(d, eps=1e-8)
+        self.reset_parameters()
+
+    def make_attention(self, cfg: ModelConfig) -> nn.Module:
+        return CausalSelfAttention(cfg.hidden_units, cfg.num_heads, cfg.dropout_rate)
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform matrices as in the reference port; padding rows stay zero."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+            self.pos_emb.weight[0].zero_()
+
+    def context(self, batch: dict) -> dict:
+        """Per-batch tensors every attention layer shares (computed once per forward)."""
+        return {"mask": attention_mask(batch["items"])}
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """Item embedding x sqrt(d) plus positions 1..L counted so the last slot is always L."""
+        valid = items != 0
+        positions = torch.arange(1, items.shape[1] + 1, device=items.device) * valid
+        x = self.item_emb(items) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
+        return self.emb_dropout(x) * valid[..., None]
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        ctx = self.context(batch)
+        x = self.embed(batch["items"])
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.final_norm(x)
+
+    def score(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Dot products of hidden [..., d] with items [...] (broadcasting; pass hidden[..., None, :]
+        to score k candidates per position)."""
+        return (self.item_emb(items) * hidden).sum(-1)
+
+    def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of every item id (column 0 is padding) -> [..., num_items + 1]."""
+        return hidden @ self.item_emb.weight.t()

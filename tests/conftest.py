@@ -1,0 +1,55 @@
+"""Shared fixtures: small generated datasets and a fast config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seqrec.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_interactions(path: Path, num_users: int = 60, num_items: int = 40, seed: int = 0,
+                       min_len: int = 5, max_len: int = 30) -> Path:
+    """`user item timestamp` lines with a learnable rule: the next item is mostly item + 1."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for u in range(1, num_users + 1):
+        item, ts = int(rng.integers(1, num_items + 1)), 1_600_000_000 + int(rng.integers(0, 10**6))
+        for _ in range(int(rng.integers(min_len, max_len + 1))):
+            lines.append(f"{u} {item} {ts}")
+            item = item % num_items + 1 if rng.random() < 0.8 else int(rng.integers(1, num_items + 1))
+            ts += int(rng.integers(60, 86400))
+    rng.shuffle(lines)  # files need not be sorted: the loader sorts by time
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    return write_interactions(tmp_path / "toy.txt")
+
+
+def small_config(data_path: Path, run_dir: Path, **overrides) -> Config:
+    """A tiny SASRec configuration that trains in well under a second per epoch."""
+    cfg = Config()
+    cfg.data.data_path = str(data_path)
+    m, t, e = cfg.model, cfg.train, cfg.eval
+    m.maxlen, m.hidden_units, m.num_blocks, m.num_heads, m.time, m.mhc = 20, 16, 2, 2, False, False
+    t.train_dir, t.batch_size, t.num_epochs, t.eval_every, t.warmup_steps, t.device = str(run_dir), 16, 3, 1, 2, "cpu"
+    e.eval_negatives, e.eval_batch_size = 20, 32
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)

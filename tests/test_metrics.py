@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from seqrec.config import EvalConfig
+from seqrec.data.tensors import EvalSplit
+from seqrec.evaluate import evaluate
+from seqrec.metrics import metric_sums, pessimistic_rank
+
+
+def test_pessimistic_rank_counts_ties_above_target():
+    target = torch.tensor([0.5, 0.5, 0.5])
+    others = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.1, 0.9], [0.5, 0.5, 0.5]])
+    assert pessimistic_rank(target, others).tolist() == [0, 2, 3]
+
+
+def test_metric_sums_by_hand():
+    ranks = torch.tensor([0, 1, 4, 12])
+    s = metric_sums(ranks, [1, 5, 10])
+    assert s["Recall@1"].item() == 1
+    assert s["Recall@5"].item() == 3
+    assert s["Recall@10"].item() == 3
+    assert s["NDCG@5"].item() == pytest.approx(1 + 1 / math.log2(3) + 1 / math.log2(6))
+    assert s["MRR@10"].item() == pytest.approx(1 + 1 / 2 + 1 / 5)
+    assert s["NDCG@1"].dtype == torch.float64
+
+
+class FixedScores(torch.nn.Module):
+    """A 'model' whose scores for every user are a fixed table row (hidden = row index)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def forward(self, batch):
+        rows = batch["users"].float()
+        return rows[:, None, None].expand(-1, batch["items"].shape[1], 1)
+
+    def score(self, hidden, items):
+        return self.table[hidden[:, 0, 0].long()].gather(1, items)
+
+    def score_all(self, hidden):
+        return self.table[hidden[:, 0].long()]
+
+
+def make_split(targets, negatives, history_items):
+    users = torch.arange(len(targets))
+    keys = sorted(u * 6 + i for u, items in enumerate(history_items) for i in items)
+    return EvalSplit(users=users, items=torch.ones(len(targets), 3, dtype=torch.long), times=None,
+                     targets=torch.tensor(targets), negatives=torch.tensor(negatives),
+                     history=torch.tensor(keys, dtype=torch.long))
+
+
+def test_evaluate_both_protocols_by_hand():
+    # 5 items (ids 1..5, column 0 = padding). User 0: target 2 ranks first among all.
+    # User 1: target 3 has items 1 and 5 above it and item 4 tied -> pessimistic full rank 3.
+    table = [[9.0, 0.1, 0.9, 0.3, 0.2, 0.0],
+             [9.0, 0.8, 0.1, 0.5, 0.5, 0.7]]
+    split = make_split(targets=[2, 3], negatives=[[1, 3], [2, 5]], history_items=[[1], [1, 5]])
+    cfg = EvalConfig(topk=[1, 5], eval_batch_size=1)
+    m = evaluate(FixedScores(table), split, cfg, num_items=5)
+    # sampled: user 0 rank 0, user 1 rank 1 (item 5 above, item 2 below)
+    assert m["sampled/HR@10"] == pytest.approx(1.0)
+    assert m["sampled/NDCG@10"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    # full: padding column (score 9) must be ignored; ranks 0 and 3
+    assert m["full/Recall@1"] == pytest.approx(0.5)
+    assert m["full/NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
+    assert m["full/MRR@5"] == pytest.approx((1 + 1 / 4) / 2)
+    # history masking removes items 1 and 5 for user 1 -> rank 1 (only the tie with item 4 remains)
+    masked = evaluate(FixedScores(table), split, EvalConfig(topk=[1, 5], mask_history=True), num_items=5)
+    assert masked["full/MRR@5"] == pytest.approx((1 + 1 / 2) / 2)
+
+
+def test_history_masking_never_masks_the_target():
+    table = [[0.0, 0.9, 0.1, 0.2, 0.3, 0.4]]
+    split = make_split(targets=[1], negatives=[[2, 3]], history_items=[[1, 2]])  # repeat consumption of item 1
+    m = evaluate(FixedScores(table), split, EvalConfig(topk=[1], mask_history=True), num_items=5)
+    assert m["full/Recall@1"] == 1.0
