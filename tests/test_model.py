@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from seqrec.config import ModelConfig
+from seqrec.models import SASRec, build_model
+from seqrec.models.attention import attention_mask
+
+
+def make_model(norm_first, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(maxlen=12, hidden_units=16, num_heads=2, num_blocks=2, dropout_rate=0.0,
+                      norm_first=norm_first, time=False, mhc=False, **kw)
+    return build_model(cfg, num_items=30).eval()
+
+
+def left_padded(lengths, maxlen=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, 31, (len(lengths), maxlen), generator=g)
+    pad = torch.arange(maxlen)[None, :] < (maxlen - torch.tensor(lengths))[:, None]
+    return items.masked_fill(pad, 0)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_causality_future_items_do_not_change_the_past(norm_first):
+    model = make_model(norm_first)
+    items = left_padded([12, 9, 5])
+    base = model({"items": items})
+    t = 8
+    changed = items.clone()
+    changed[:, t + 1:] = torch.randint(1, 31, changed[:, t + 1:].shape)
+    out = model({"items": changed})
+    assert torch.allclose(base[:, :t + 1], out[:, :t + 1], atol=1e-6)
+    assert not torch.allclose(base[:, t + 1:], out[:, t + 1:])
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_real_positions_never_attend_to_padding(norm_first):
+    """Replace the hidden states at padded positions with noise before every sub-layer:
+    outputs at real positions must not move (they would if padded keys were visible)."""
+    model = make_model(norm_first)
+    items = left_padded([12, 7, 3])
+    real = items != 0
+    base = model({"items": items})
+
+    def scramble(module, args):
+        x, ctx = args
+        return x.masked_scatter(~real[..., None].expand_as(x), torch.randn_like(x)[~real]), ctx
+
+    handles = [layer.register_forward_pre_hook(scramble) for layer in model.layers]
+    out = model({"items": items})
+    for h in handles:
+        h.remove()
+    assert torch.allclose(base[real], out[real], atol=1e-5)
+
+
+def test_attention_mask_rows():
+    mask = attention_mask(torch.tensor([[0, 0, 5, 6]]))[0, 0]
+    assert mask.tolist() == [[True, False, False, False],   # padded query sees only itself
+                             [False, True, False, False],
+                             [False, False, True, False],  # first real item: itself only
+                             [False, False, True, True]]
+
+
+def test_scoring_api_consistent():
+    model = make_model(False)
+    hidden = model({"items": left_padded([12, 4])})[:, -1]
+    all_scores = model.score_all(hidden)
+    assert all_scores.shape == (2, 31)
+    cand = torch.tensor([[3, 7, 9], [1, 2, 30]])
+    assert torch.allclose(model.score(hidden[:, None, :], cand), all_scores.gather(1, cand), atol=1e-5)
+
+
+def test_embedding_padding_rows_are_zero():
+    model = make_model(True)
+    assert isinstance(model, SASRec)
+    assert model.item_emb.weight[0].abs().sum() == 0 and model.pos_emb.weight[0].abs().sum() == 0
+
+
+def test_unbuilt_variants_say_so():
+    from seqrec.config import ConfigError
+    with pytest.raises(ConfigError, match="--no_time"):
+        build_model(ModelConfig(time=True), 10)

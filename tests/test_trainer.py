@@ -1,0 +1,137 @@
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import small_config
+from seqrec import checkpoint as ckpt
+from seqrec.cli import run
+from seqrec.config import ConfigError
+from seqrec.losses import BCELoss
+from seqrec.trainer import TrainingError
+
+
+def params(path):
+    return ckpt.load(path)["model"]
+
+
+def test_resume_equals_uninterrupted(data_file, tmp_path):
+    run(small_config(data_file, tmp_path / "straight", train__num_epochs=4, train__eval_every=2))
+    run(small_config(data_file, tmp_path / "split", train__num_epochs=2, train__eval_every=2))
+    run(small_config(data_file, tmp_path / "split", train__num_epochs=4, train__eval_every=2, train__resume=True))
+    a, b = params(tmp_path / "straight" / "latest.pt"), params(tmp_path / "split" / "latest.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "seq_per_s")}  # noqa: E731
+                        for r in rs if r["type"] != "test"]
+    assert strip(rows("straight")) == strip(rows("split"))  # no duplicated or missing rows after resume
+
+
+def test_resume_after_a_crash_mid_epoch(data_file, tmp_path, monkeypatch):
+    run(small_config(data_file, tmp_path / "straight", train__num_epochs=3))
+    calls = {"n": 0}
+    original = BCELoss.__call__
+
+    def crash_mid_epoch_3(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 10:  # second step of epoch 3 (4 steps/epoch)
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(BCELoss, "__call__", crash_mid_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(small_config(data_file, tmp_path / "crashed", train__num_epochs=3))
+    assert ckpt.load(tmp_path / "crashed" / "latest.pt")["epoch"] == 2
+    monkeypatch.setattr(BCELoss, "__call__", original)
+    run(small_config(data_file, tmp_path / "crashed", train__num_epochs=3, train__resume=True))
+    a, b = params(tmp_path / "straight" / "latest.pt"), params(tmp_path / "crashed" / "latest.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume_or_overwrite(data_file, tmp_path):
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    with pytest.raises(ConfigError, match="--resume to continue it or --overwrite"):
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1, train__overwrite=True))
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(r)["type"] == "train" for r in rows) == 1
+
+
+def test_resume_refuses_a_reshaped_model(data_file, tmp_path):
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    with pytest.raises(TrainingError, match="--hidden_units 32 differs"):
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True, model__hidden_units=32))
+
+
+def nan_at(steps):
+    calls = {"n": 0}
+    original = BCELoss.__call__
+
+    def call(self, model, hidden, batch):
+        calls["n"] += 1
+        loss, count = original(self, model, hidden, batch)
+        return (loss * math.nan if calls["n"] in steps else loss), count
+    return call
+
+
+def test_nan_step_is_skipped_and_never_checkpointed(data_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(BCELoss, "__call__", nan_at({3, 4}))
+    seen = []
+    from seqrec.trainer import Trainer
+    original_step = Trainer.train_step
+
+    def spy(self, users, epoch):
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        out = original_step(self, users, epoch)
+        seen.append(all(torch.equal(before[k], v) for k, v in self.model.state_dict().items()))
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2))  # 4 steps per epoch
+    assert len(seen) == 8 and seen[2] and seen[3] and not any(seen[:2]) and not any(seen[4:])  # exactly the NaN steps left weights as they were
+    state = ckpt.load(tmp_path / "r" / "latest.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(s["exp_avg"]).all() for s in state["optimizer"]["state"].values())
+
+
+def test_consecutive_nan_steps_stop_the_run(data_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(BCELoss, "__call__", nan_at(set(range(6, 100))))
+    with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=3, train__max_bad_steps=3))
+    assert ckpt.load(tmp_path / "r" / "latest.pt")["epoch"] == 1  # epoch 1's checkpoint survives intact
+
+
+def test_checkpoint_is_weights_only_and_atomic(data_file, tmp_path, monkeypatch):
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    path = tmp_path / "r" / "latest.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["format_version"] == ckpt.FORMAT_VERSION and state["config"]["model"]["hidden_units"] == 16
+    before = path.read_bytes()
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        ckpt.save({"x": 1}, path)
+    assert path.read_bytes() == before and not list(path.parent.glob(".latest.pt.*"))
+
+
+def test_inference_only_reproduces_final_metrics(data_file, tmp_path):
+    results = run(small_config(data_file, tmp_path / "r", train__num_epochs=2))
+    again = run(small_config(data_file, tmp_path / "other", train__inference_only=True,
+                             train__state_dict_path=str(tmp_path / "r" / "best.pt")))
+    assert again["test"] == results["test"]
+
+
+def test_training_beats_popularity(data_file, tmp_path):
+    from seqrec.cli import load_data
+    from seqrec.evaluate import evaluate
+    from seqrec.models import Popularity
+    cfg = small_config(data_file, tmp_path / "r", train__num_epochs=30, train__eval_every=10, train__lr=0.005)
+    results = run(cfg)
+    data, _ = load_data(cfg, torch.device("cpu"))
+    pop = evaluate(Popularity(data.item_counts), data.splits["test"], cfg.eval, data.num_items)
+    assert results["test"]["full/NDCG@10"] > 2 * pop["full/NDCG@10"]
