@@ -43,6 +43,35 @@ class Residual(nn.Module):
         return self.norm(x + self.sublayer(x, ctx))
 
 
+class PlainStream(nn.Module):
+    """The ordinary single residual stream: sub-layers wrapped in Residual, no widening.
+
+    The residual "stream" is a strategy object so the mHC variant can widen the stream
+    to n copies (expand), wrap sub-layers in its own residual, and merge the copies
+    before the final norm (collapse) without the backbone knowing.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dim, self.norm_first = cfg.hidden_units, cfg.norm_first
+
+    def wrap(self, sublayer: nn.Module) -> nn.Module:
+        return Residual(sublayer, self.dim, self.norm_first)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def collapse(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def make_stream(cfg: ModelConfig) -> nn.Module:
+    if cfg.mhc:
+        from .mhc import HyperStream
+        return HyperStream(cfg)
+    return PlainStream(cfg)
+
+
 class SASRec(nn.Module):
     def __init__(self, cfg: ModelConfig, num_items: int):
         super().__init__()
@@ -51,10 +80,11 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.maxlen + 1, d, padding_idx=0)
         self.emb_dropout = Dropout(cfg.dropout_rate)
+        self.stream = make_stream(cfg)
         self.layers = nn.ModuleList()
         for _ in range(cfg.num_blocks):
-            self.layers.append(Residual(self.make_attention(cfg), d, cfg.norm_first))
-            self.layers.append(Residual(FeedForward(d, cfg.dropout_rate), d, cfg.norm_first))
+            self.layers.append(self.stream.wrap(self.make_attention(cfg)))
+            self.layers.append(self.stream.wrap(FeedForward(d, cfg.dropout_rate)))
         self.final_norm = nn.LayerNorm(d, eps=1e-8)
         self.reset_parameters()
 
@@ -62,10 +92,13 @@ class SASRec(nn.Module):
         return CausalSelfAttention(cfg.hidden_units, cfg.num_heads, cfg.dropout_rate)
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform matrices as in the reference port; padding rows stay zero."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        """Xavier-uniform Linear and Embedding weights, as in the reference port; padding rows stay zero.
+
+        Other parameters (LayerNorm, the mHC coefficients) keep their own initialisation.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.xavier_uniform_(module.weight)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
             self.pos_emb.weight[0].zero_()
@@ -83,10 +116,10 @@ class SASRec(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         ctx = self.context(batch)
-        x = self.embed(batch["items"])
+        x = self.stream.expand(self.embed(batch["items"]))
         for layer in self.layers:
             x = layer(x, ctx)
-        return self.final_norm(x)
+        return self.final_norm(self.stream.collapse(x))
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Dot products of hidden [..., d] with items [...] (broadcasting; pass hidden[..., None, :]
