@@ -28,7 +28,7 @@ from .models import build_model
 from .schedule import lr_at
 
 # Model fields a resumed run may change without changing the parameters' meaning.
-RESUMABLE_MODEL_CHANGES = {"dropout_rate", "mhc_no_amp"}
+RESUMABLE_MODEL_CHANGES = {"dropout_rate", "attention_dropout", "mhc_no_amp"}
 
 
 class TrainingError(RuntimeError):

@@ -68,3 +68,9 @@ def test_round_trip_through_dict():
     cfg = Config()
     cfg.model.hidden_units = 64
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_readme_flag_table_matches_the_code():
+    from conftest import REPO
+    from seqrec.config import flag_table
+    assert flag_table() in (REPO / "README.md").read_text(), "README flag table is stale: paste `python -m seqrec.config`"

@@ -4,7 +4,8 @@ Attention-weight dropout (what the reference ports do) makes PyTorch's CPU
 ``scaled_dot_product_attention`` leave its fused kernel: measured 0.038 s vs 0.203 s
 forward+backward at B=128, h=2, L=200 on the 2-core CPU. Dropout is therefore applied
 to the sub-layer output instead, and the fused kernel is kept; a boolean mask costs
-nothing extra there (0.039 s), so key padding is masked exactly.
+nothing extra there (0.039 s), so key padding is masked exactly. ``attention_dropout``
+restores the reference behaviour for comparison (docs/RESULTS.md compares the two).
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def attention_mask(items: torch.Tensor) -> torch.Tensor:
 class CausalSelfAttention(nn.Module):
     """Fused-QKV multi-head attention with an output projection and output dropout."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float):
+    def __init__(self, dim: int, num_heads: int, dropout: float, attention_dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = Dropout(dropout)
@@ -47,5 +49,6 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"])
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"],
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
         return self.dropout(self.out(self.merge_heads(z)))

@@ -89,7 +89,7 @@ class SASRec(nn.Module):
         self.reset_parameters()
 
     def make_attention(self, cfg: ModelConfig) -> nn.Module:
-        return CausalSelfAttention(cfg.hidden_units, cfg.num_heads, cfg.dropout_rate)
+        return CausalSelfAttention(cfg.hidden_units, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout)
 
     def reset_parameters(self) -> None:
         """Xavier-uniform Linear and Embedding weights, as in the reference port; padding rows stay zero.
