@@ -74,13 +74,15 @@ class Trainer:
         self.step = 0  # optimizer steps taken (skipped steps included, so the data order stays fixed)
         self.best = {"metric": -math.inf, "epoch": 0, "evals_since": 0}
         self.bad_steps = 0
+        self.train_seconds = 0.0  # wall time spent in training epochs, across resumes
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best": dict(self.best), "rng": ckpt.rng_state(), "item_ids": self.item_ids}
+                "best": dict(self.best), "train_seconds": self.train_seconds, "rng": ckpt.rng_state(),
+                "item_ids": self.item_ids}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -88,6 +90,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], dict(state["best"])
+        self.train_seconds = state["train_seconds"]
         ckpt.set_rng_state(state["rng"])
 
     def resume(self) -> None:
@@ -232,6 +235,7 @@ class Trainer:
         while self.epoch < t.num_epochs and not stop:
             row = self.train_epoch(self.epoch + 1)
             self.epoch += 1
+            self.train_seconds += row["seconds"]
             self._write_metrics(row)
             if self.epoch % t.eval_every == 0 or self.epoch == t.num_epochs:
                 metrics = self.validate()
@@ -249,7 +253,8 @@ class Trainer:
         best_path = self.run_dir / ckpt.BEST
         if best_path.exists():
             self.model.load_state_dict(ckpt.load(best_path, self.device)["model"])
-        results = {"best_epoch": self.best["epoch"]}
+        results = {"best_epoch": self.best["epoch"], "epochs": self.epoch,
+                   "train_seconds": round(self.train_seconds, 1)}
         for split in ("valid", "test"):
             results[split] = evaluate(self.model, self.data.splits[split], self.cfg.eval, self.data.num_items)
             log(f"best epoch {self.best['epoch']}  {split:5s} {format_metrics(results[split])}")

@@ -1,0 +1,157 @@
+"""Training and evaluation speed and memory: ``python -m seqrec.bench [--quick]``.
+
+Each case runs in a fresh subprocess, because peak RSS never goes down within a
+process, and measures the trainer's real step (batch construction, forward,
+backward, optimizer) on ML-1M-shaped data: 6,040 users with ML-1M-like sequence
+lengths over 3,416 items. Results go to a JSON file and a markdown table, with
+ratios between cases measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIZES = {
+    "seed": {"hidden_units": 50, "num_blocks": 2, "num_heads": 2, "maxlen": 200},
+    "ref-h1": {"hidden_units": 50, "num_blocks": 2, "num_heads": 1, "maxlen": 200},
+    "L50": {"hidden_units": 50, "num_blocks": 2, "num_heads": 2, "maxlen": 50},
+    "large": {"hidden_units": 256, "num_blocks": 4, "num_heads": 8, "maxlen": 200},
+}
+VARIANTS = {"sasrec": (False, False), "sasrec+mhc": (False, True), "tisasrec": (True, False),
+            "tisasrec+mhc": (True, True)}
+
+
+def synthetic_sequences(num_users: int = 6040, num_items: int = 3416, seed: int = 0):
+    """ML-1M-shaped data: log-normal lengths (median ~96, clipped to 20..2314), Zipf-like items."""
+    from .data.sequences import Sequences
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(4.56, 0.95, num_users).astype(np.int64), 20, 2314)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    items = rng.choice(np.arange(1, num_items + 1), size=offsets[-1], p=popularity / popularity.sum())
+    gaps = rng.exponential(3600.0, size=offsets[-1]).astype(np.int64)
+    times = 956_000_000 + np.cumsum(gaps)
+    return Sequences(np.arange(num_users).astype(str), np.arange(1, num_items + 1).astype(str),
+                     offsets, items.astype(np.int64), times)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_case(spec: dict) -> dict:
+    """Measure one (variant, size) in this process."""
+    from .config import Config
+    from .data.tensors import SequenceTensors
+    from .evaluate import evaluate
+    from .trainer import Trainer
+    device = torch.device(spec["device"])
+    cfg = Config()
+    for key, value in {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"]}.items():
+        setattr(cfg.model, key, value)
+    cfg.train.batch_size, cfg.train.amp = spec["batch_size"], spec["amp"]
+    base_rss = peak_rss_gb()
+    data = SequenceTensors(synthetic_sequences(), cfg.model.maxlen, device)
+    trainer = Trainer(cfg, data, device, Path(tempfile.mkdtemp()), [])
+    order = data.epoch_order(0, 1)
+    batches = [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(spec["steps"])]
+    step_times, batch_times = [], []
+    for users in batches:
+        step_times.append(_timed(lambda: trainer.train_step(users, 1), device))
+        batch_times.append(_timed(lambda: data.train_batch(users, 0, 1), device))
+    warm = spec["steps"] // 3
+    step = statistics.median(step_times[warm:])
+    out = {**spec, "s_per_step": step, "seq_per_s": spec["batch_size"] / step,
+           "s_per_epoch": step * trainer.steps_per_epoch,
+           "batch_share": statistics.median(batch_times[warm:]) / step}
+    for protocol in ("sampled", "full"):
+        out[f"eval_{protocol}_s"] = _timed(lambda: evaluate(trainer.model, data.splits["test"], cfg.eval,
+                                                             data.num_items, (protocol,)), device)
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        out["peak_mem_gb"] = peak_rss_gb() - base_rss
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown rows; 'x SASRec' is the step-time ratio to SASRec of the same size in this run."""
+    head = ("| variant | size | B | s/step | x SASRec | seq/s | s/epoch | batch build | peak mem GB "
+            "| sampled eval s | full eval s |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    base = {r["size"]: r["s_per_step"] for r in rows if r["variant"] == "sasrec" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['size']} | {r['batch_size']} | {r['error']} |")
+            continue
+        ratio = f"{r['s_per_step'] / base[r['size']]:.2f}" if r["size"] in base else "-"
+        lines.append(f"| {r['variant']} | {r['size']} | {r['batch_size']} | {r['s_per_step']:.4f} | {ratio} "
+                     f"| {r['seq_per_s']:.0f} "
+                     f"| {r['s_per_epoch']:.2f} | {r['batch_share']:.1%} | {r['peak_mem_gb']:.2f} "
+                     f"| {r['eval_sampled_s']:.2f} | {r['eval_full_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqrec.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seed size only, fewer steps (a few minutes on CPU)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--sizes", default=None, help="comma list of " + ", ".join(SIZES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="off", help="off|bf16|fp16|auto")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
+    parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_case(json.loads(args.worker))))
+        return 0
+    sizes = args.sizes.split(",") if args.sizes else (["seed"] if args.quick else list(SIZES))
+    steps = args.steps or (6 if args.quick else 15)
+    rows = []
+    for size in sizes:
+        for variant in args.variants.split(","):
+            time_, mhc = VARIANTS[variant]
+            spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "device": args.device,
+                    "amp": args.amp, "batch_size": args.batch_size, "steps": steps}
+            proc = subprocess.run([sys.executable, "-m", "seqrec.bench", "--worker", json.dumps(spec)],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            else:
+                rows.append({**spec, "error": proc.stderr.strip().splitlines()[-1][:120]})
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "results.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
