@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["seqrec", "seqrec.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.3", "numpy", "pyyaml", "tqdm", "pynvml"],
+    install_requires=["torch>=2.3", "numpy", "pyyaml", "tqdm", "nvidia-ml-py"],
     extras_require={
         "test": ["pytest>=7"],
         "plot": ["matplotlib"],
