@@ -126,12 +126,17 @@ def test_inference_only_reproduces_final_metrics(data_file, tmp_path):
     assert again["test"] == results["test"]
 
 
-def test_training_beats_popularity(data_file, tmp_path):
+def test_demo_run_beats_popularity(tmp_path):
+    """A short run on the embedded demo data must clearly beat ranking by popularity."""
+    from conftest import REPO
     from seqrec.cli import load_data
     from seqrec.evaluate import evaluate
     from seqrec.models import Popularity
-    cfg = small_config(data_file, tmp_path / "r", train__num_epochs=30, train__eval_every=10, train__lr=0.005)
+    cfg = small_config(REPO / "data" / "demo.txt", tmp_path / "r", train__num_epochs=10, train__eval_every=5,
+                       train__batch_size=128, train__warmup_steps=20, model__maxlen=50, model__hidden_units=32,
+                       eval__eval_negatives=100, eval__eval_batch_size=512)
     results = run(cfg)
     data, _ = load_data(cfg, torch.device("cpu"))
     pop = evaluate(Popularity(data.item_counts), data.splits["test"], cfg.eval, data.num_items)
     assert results["test"]["full/NDCG@10"] > 2 * pop["full/NDCG@10"]
+    assert results["test"]["sampled/NDCG@10"] > pop["sampled/NDCG@10"] + 0.1
