@@ -49,7 +49,12 @@ def small_config(data_path: Path, run_dir: Path, **overrides) -> Config:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic_single_thread():
+    """Deterministic kernels; one intra-op thread, because the tests' tensors are small and on a
+    loaded 2-core machine every threaded op waits for a busy core (measured 3-10x slower)."""
+    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(1)
     yield
     torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(threads)

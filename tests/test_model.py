@@ -78,5 +78,5 @@ def test_embedding_padding_rows_are_zero():
 
 def test_unbuilt_variants_say_so():
     from seqrec.config import ConfigError
-    with pytest.raises(ConfigError, match="--no_time"):
-        build_model(ModelConfig(time=True), 10)
+    with pytest.raises(ConfigError, match="--no_mhc"):
+        build_model(ModelConfig(mhc=True), 10)

@@ -6,14 +6,14 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from .popularity import Popularity
 from .sasrec import SASRec
+from .tisasrec import TiSASRec
 
 
 def build_model(cfg: ModelConfig, num_items: int) -> nn.Module:
-    if cfg.time:
-        raise ConfigError("TiSASRec (--time) is not implemented yet; run with --no_time")
+    """SASRec or TiSASRec (--time); either with the mHC residual stream (--mhc)."""
     if cfg.mhc:
         raise ConfigError("mHC (--mhc) is not implemented yet; run with --no_mhc")
-    return SASRec(cfg, num_items)
+    return (TiSASRec if cfg.time else SASRec)(cfg, num_items)
 
 
-__all__ = ["build_model", "Popularity", "SASRec"]
+__all__ = ["build_model", "Popularity", "SASRec", "TiSASRec"]

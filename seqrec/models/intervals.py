@@ -24,7 +24,8 @@ _NO_GAP = torch.iinfo(torch.int64).max
 def time_intervals(times: torch.Tensor, valid: torch.Tensor, unit: str, time_span: int) -> torch.Tensor:
     """Interval buckets [B, L, L] (int64, in 0..time_span) of left-padded timestamps.
 
-    times: [B, L] int64 unix seconds; valid: [B, L] bool, False at padding. Fixed units
+    times: [B, L] int64 unix seconds, ascending within a row (the data layer sorts by
+    time); valid: [B, L] bool, False at padding (left padding). Fixed units
     give r_ij = min(floor(|t_i - t_j| / unit), time_span). ``personal`` gives
     r_ij = min(|round((t_i - t0) / s_i) - round((t_j - t0) / s_i)|, time_span) with t0 the
     row's first valid timestamp and s_i the smallest non-zero gap between consecutive
@@ -34,8 +35,7 @@ def time_intervals(times: torch.Tensor, valid: torch.Tensor, unit: str, time_spa
     """
     pair_valid = valid[:, :, None] & valid[:, None, :]
     if unit == "personal":
-        r = _personal_positions(times, valid)
-        r = (r.diagonal(dim1=1, dim2=2)[:, :, None] - r).abs_().clamp_(max=time_span).long()
+        r = _personal_distances(times, valid).clamp_(max=time_span).long()
     elif unit in UNIT_SECONDS:
         r = (times[:, :, None] - times[:, None, :]).abs_().div_(UNIT_SECONDS[unit], rounding_mode="floor")
         r = r.clamp_(max=time_span)
@@ -44,11 +44,12 @@ def time_intervals(times: torch.Tensor, valid: torch.Tensor, unit: str, time_spa
     return r.masked_fill_(~pair_valid, 0)
 
 
-def _personal_positions(times: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, L, L] float64: entry (i, j) is round((t_j - t0) / s_i), key j on query i's scale.
+def _personal_distances(times: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, L, L] float64 |round((t_i - t0) / s_i) - round((t_j - t0) / s_i)|: key j on query i's scale.
 
     float64 is exact here: for offsets below 2**52 seconds a quotient is never rounded
-    onto or across a .5 boundary.
+    onto or across a .5 boundary. In place where possible: a fresh [B, L, L] tensor costs
+    about as much as the arithmetic on it (one fewer: 60 vs 85 ms at B=128, L=200, 1 thread).
     """
     gaps = times[:, 1:] - times[:, :-1]
     gaps = gaps.masked_fill(~(valid[:, 1:] & valid[:, :-1]) | (gaps == 0), _NO_GAP)
@@ -57,4 +58,6 @@ def _personal_positions(times: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     scale = scale.masked_fill_(scale == _NO_GAP, 1).double()
     first = valid.int().argmax(dim=1, keepdim=True)  # first valid slot (argmax returns the first maximum)
     offset = (times - times.gather(1, first)).double()
-    return (offset[:, None, :] / scale[:, :, None]).round_()
+    positions = (offset[:, None, :] / scale[:, :, None]).round_()
+    own = positions.diagonal(dim1=1, dim2=2).clone()
+    return positions.sub_(own[:, :, None]).abs_()

@@ -99,9 +99,9 @@ class SASRec(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.xavier_uniform_(module.weight)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-            self.pos_emb.weight[0].zero_()
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
 
     def context(self, batch: dict) -> dict:
         """Per-batch tensors every attention layer shares (computed once per forward)."""

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .tisasrec import TimeIntervalAttention, masked_softmax
+from .tisasrec import TimeIntervalAttention
 
 
 def reference_attention(module: TimeIntervalAttention, x: torch.Tensor, ctx: dict) -> torch.Tensor:
@@ -20,11 +20,12 @@ def reference_attention(module: TimeIntervalAttention, x: torch.Tensor, ctx: dic
     b, length, dim = x.shape
     heads, dh = module.num_heads, dim // module.num_heads
     q, k, v = module.qkv(x).chunk(3, dim=-1)
+    mask = ctx["mask"]
     r = ctx["intervals"]
     keys = k[:, None, :, :] + module.pos_k.weight[:length] + module.interval_k.weight[r]  # [B, L, L, d]: (i, j)
     values = v[:, None, :, :] + module.pos_v.weight[:length] + module.interval_v.weight[r]
     per_head = lambda t: t.view(b, length, length, heads, dh)  # noqa: E731
     scores = torch.einsum("bihc,bijhc->bhij", q.view(b, length, heads, dh), per_head(keys)) / math.sqrt(dh)
-    a = masked_softmax(scores, ctx["mask"])
+    a = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1) * mask
     z = torch.einsum("bhij,bijhc->bihc", a, per_head(values)).reshape(b, length, dim)
     return module.dropout(module.out(z))
