@@ -58,10 +58,10 @@ class ModelConfig:
     attention_dropout: float = opt(0.0, "dropout on attention weights as in the reference ports "
                                         "(0 keeps PyTorch's fused CPU attention kernel, ~5x faster)")
     norm_first: bool = opt(False, "pre-LayerNorm blocks (default: post-LN as in the SASRec port)")
-    time: bool = opt(False, "TiSASRec time-interval-aware attention (--no_time = SASRec)")
+    time: bool = opt(True, "TiSASRec time-interval-aware attention (--no_time = SASRec)")
     time_span: int = opt(100, "largest time interval bucket (intervals are clipped to it)")
     time_unit: str = opt("hour", f"interval unit: {'|'.join(TIME_UNITS)}")
-    mhc: bool = opt(False, "mHC residual: Sinkhorn-constrained hyper-connections (--no_mhc = plain residual)")
+    mhc: bool = opt(True, "mHC residual: Sinkhorn-constrained hyper-connections (--no_mhc = plain residual)")
     mhc_expansion_rate: int = opt(4, "mHC residual streams n")
     mhc_sinkhorn_iter: int = opt(20, "Sinkhorn-Knopp iterations for H_res")
     mhc_init_gate: float = opt(0.01, "initial value of the mHC gates alpha")

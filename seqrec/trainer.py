@@ -25,6 +25,7 @@ from .data.tensors import SequenceTensors
 from .evaluate import evaluate, format_metrics
 from .losses import build_loss
 from .models import build_model
+from .models.mhc import composite_gain
 from .schedule import lr_at
 
 # Model fields a resumed run may change without changing the parameters' meaning.
@@ -212,7 +213,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> dict:
-        return evaluate(self.model, self.data.splits["valid"], self.cfg.eval, self.data.num_items)
+        """Validation metrics, plus mHC's composite gain on the first validation batch."""
+        split = self.data.splits["valid"]
+        metrics = evaluate(self.model, split, self.cfg.eval, self.data.num_items)
+        if self.cfg.model.mhc:
+            metrics.update(composite_gain(self.model, split.batch(slice(0, self.cfg.eval.eval_batch_size))))
+        return metrics
 
     def _track_best(self, metrics: dict) -> bool:
         """Record a new best validation score; returns whether training should stop early."""

@@ -11,6 +11,7 @@ def test_seed_defaults_with_a_dataset():
     assert (cfg.train.warmup_steps, cfg.train.num_epochs, cfg.model.dropout_rate) == (100, 1000, 0.2)
     assert (cfg.model.time_span, cfg.model.time_unit, cfg.model.mhc_expansion_rate) == (100, "hour", 4)
     assert (cfg.model.mhc_sinkhorn_iter, cfg.model.mhc_init_gate, cfg.model.norm_first) == (20, 0.01, False)
+    assert cfg.model.time and cfg.model.mhc  # the seed's default model is TiSASRec + mHC
 
 
 def test_no_dataset_uses_demo_preset_but_flags_win():

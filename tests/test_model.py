@@ -74,9 +74,3 @@ def test_embedding_padding_rows_are_zero():
     model = make_model(True)
     assert isinstance(model, SASRec)
     assert model.item_emb.weight[0].abs().sum() == 0 and model.pos_emb.weight[0].abs().sum() == 0
-
-
-def test_unbuilt_variants_say_so():
-    from seqrec.config import ConfigError
-    with pytest.raises(ConfigError, match="--no_mhc"):
-        build_model(ModelConfig(mhc=True), 10)

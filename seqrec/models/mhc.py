@@ -53,6 +53,7 @@ class _Normalise(torch.autograd.Function):
         return p
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         p, *sums = ctx.saved_tensors
         g, y, gy = grad.clone(memory_format=torch.contiguous_format), p.clone(), torch.empty_like(p)
@@ -91,11 +92,11 @@ class _RMSProjection(torch.autograd.Function):
     """RMSNorm(x) @ phi, tokens last: x [T, D], phi [D, K] -> [K, T], with a hand-written backward.
 
     The per-token 1/rms(x) is applied to the [K, T] product instead of to x (it
-    commutes with the projection), so no normalised [T, D] copy is made. Autograd
-    would spend four passes over the [T, D] stream on the norm's backward; the
-    closed form below folds it into the projection's input gradient as one in-place
-    pass: with r = (‖x‖²/D + eps)^(-1/2) and y = r·(x·phi),
-    dx = (r·g)·phiᵀ - (r²/D)·Σ_k(r·g_k·(x·phi)_k)·x.
+    commutes with the projection), so no normalised [T, D] copy is made. Autograd's
+    backward of the norm makes several passes over the [T, D] stream (div, masked_fill,
+    mul, then an add into the projection's gradient); the closed form folds it into the
+    projection's input gradient as one in-place pass: with r = (‖x‖²/D + eps)^(-1/2)
+    and y = r·(x·phi), dx = (r·g)·phiᵀ - (r²/D)·Σ_k(r·g_k·(x·phi)_k)·x.
     """
 
     @staticmethod
@@ -106,17 +107,13 @@ class _RMSProjection(torch.autograd.Function):
         return raw * inv_rms
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, phi, inv_rms, raw = ctx.saved_tensors
         scaled = grad * inv_rms
         dot = (scaled * raw).sum(0)
         grad_x = torch.mm(scaled.t(), phi.t()).addcmul_(x, (inv_rms.square() * dot).div_(-x.shape[1])[:, None])
         return grad_x, torch.mm(x.t(), scaled.t())
-
-
-def _mixing_precision(x: torch.Tensor, no_amp: bool) -> contextlib.AbstractContextManager:
-    """Stream mixing runs under the caller's autocast, or in fp32 with cfg.mhc_no_amp."""
-    return torch.autocast(x.device.type, enabled=False) if no_amp else contextlib.nullcontext()
 
 
 class MHCResidual(nn.Module):
@@ -151,9 +148,13 @@ class MHCResidual(nn.Module):
         post-LN keeps the single stream bounded) and equals the plain block exactly on
         identical copies, which normalising only F's branch would not.
 
-    Precision: coefficients and Sinkhorn always run in fp32. The stream mixing (H_pre
-    aggregation, H_res mixing, H_post spreading) runs under the ambient autocast unless
-    cfg.mhc_no_amp, which keeps it, and hence the residual stream, in fp32.
+    Parameters: phi [nC, 2n+n²] (columns: pre, post, res row-major), alpha [3] and
+    static [2n+n²] (b, same column order); all raw Parameters, initialised here.
+
+    Precision: coefficients and Sinkhorn always run in fp32. Under autocast the mixing
+    product [H_res; H_pre]·x (a batched matmul) runs in the autocast dtype; the H_post
+    update promotes back, so the stream itself stays fp32. cfg.mhc_no_amp runs the
+    product in fp32 too (the collapse and the H_post update are elementwise, fp32 anyway).
     """
 
     def __init__(self, sublayer: nn.Module, cfg: ModelConfig):
@@ -184,15 +185,14 @@ class MHCResidual(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         h_pre, h_post, h_res = self.coefficients(x)
-        with _mixing_precision(x, self.no_amp):
+        with torch.autocast(x.device.type, enabled=False) if self.no_amp else contextlib.nullcontext():
             # One batched product reads x once for H_res·x and H_pre·x; split (not
             # slicing) so the backward is one concatenation, not zero-filled copies.
             mixing = torch.cat([h_res, h_pre[..., None, :]], -2)
             res, branch = torch.einsum("...kn,...nc->...kc", mixing, x).split([self.n, 1], -2)
         branch = branch.squeeze(-2)
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
-        with _mixing_precision(x, self.no_amp):
-            x = torch.addcmul(res, h_post[..., None], out[..., None, :])
+        x = torch.addcmul(res, h_post[..., None], out[..., None, :])  # promotes to fp32 under autocast
         return x if self.norm_first else self.norm(x)
 
 
@@ -218,9 +218,8 @@ class HyperStream(nn.Module):
         return x[..., None, :].expand(*x.shape[:-1], self.n, x.shape[-1]).contiguous()
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
-        with _mixing_precision(x, self.cfg.mhc_no_amp):
-            # Not einsum: its backward is a batched outer-product bmm (12 vs 9 ms fwd+bwd, n=4 d=50).
-            return (x * self.weights[:, None]).sum(-2)
+        # Not einsum: its backward is a batched outer-product bmm (12 vs 9 ms fwd+bwd, n=4 d=50).
+        return (x * self.weights[:, None]).sum(-2)
 
 
 @torch.no_grad()
