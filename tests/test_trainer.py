@@ -140,3 +140,16 @@ def test_demo_run_beats_popularity(tmp_path):
     pop = evaluate(Popularity(data.item_counts), data.splits["test"], cfg.eval, data.num_items)
     assert results["test"]["full/NDCG@10"] > 2 * pop["full/NDCG@10"]
     assert results["test"]["sampled/NDCG@10"] > pop["sampled/NDCG@10"] + 0.1
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(data_file, tmp_path, amp):
+    """Autocast on CPU (bf16; fp16 with the GradScaler): the full model trains to finite weights
+    and evaluation (always fp32) still works."""
+    cfg = small_config(data_file, tmp_path / "r", train__amp=amp, model__time=True, model__mhc=True,
+                       train__num_epochs=2)
+    results = run(cfg)
+    state = ckpt.load(tmp_path / "r" / "latest.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert (state["scaler"] != {}) == (amp == "fp16")  # the scaler's state is checkpointed only when used
+    assert 0 < results["test"]["sampled/NDCG@10"] < 1
