@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ LEAVES = _leaves()
 
 def _coerce(name: str, value: Any, typ: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or fail with one line."""
-    base = typing.get_args(typ)[0] if typing.get_origin(typ) in (typing.Union, type(int | None)) else typ
+    base = typing.get_args(typ)[0] if typing.get_origin(typ) is types.UnionType else typ  # X | None -> X
     if value is None:
         if base is typ:
             raise ConfigError(f"{where}: '{name}' may not be empty")
