@@ -2,8 +2,8 @@
 
 ``python main.py [flags]`` and ``seqrec train [flags]`` train (and, with
 ``--inference_only``, only evaluate); ``seqrec evaluate`` evaluates a checkpoint;
-``seqrec envcheck`` checks the distributed environment; ``seqrec bench`` measures
-speed and memory. Expected failures (bad
+``seqrec recommend`` serves top-k items from a checkpoint; ``seqrec envcheck``
+checks the distributed environment; ``seqrec bench`` measures speed and memory. Expected failures (bad
 config, bad data, unusable checkpoint, diverged run) end with one line on stderr
 and a non-zero exit code instead of a traceback.
 """
@@ -126,19 +126,25 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
 
 
 def console(argv: list[str] | None = None) -> int:
-    """`seqrec COMMAND [flags]`: train | evaluate | envcheck | bench."""
+    """`seqrec COMMAND [flags]`: train | evaluate | recommend | envcheck | bench."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": lambda rest: main(rest, "seqrec train"),
         "evaluate": lambda rest: main(["--inference_only", *rest], "seqrec evaluate"),
         "envcheck": _envcheck,
         "bench": _bench,
+        "recommend": _recommend,
     }
     if not argv or argv[0] not in commands:
         print(f"usage: seqrec {{{','.join(commands)}}} [flags]   (seqrec COMMAND --help for its flags)",
               file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     return commands[argv[0]](argv[1:])
+
+
+def _recommend(argv: list[str]) -> int:
+    from .serve import main as recommend_main
+    return recommend_main(argv)
 
 
 def _bench(argv: list[str]) -> int:
