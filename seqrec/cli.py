@@ -9,6 +9,7 @@ and a non-zero exit code instead of a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, from_dict, parse_config, to_dict
+from .config import Config, ConfigError, DistConfig, from_dict, parse_config, to_dict
 from .data import DataError, SequenceTensors, load_sequences, resolve_path
 from .evaluate import evaluate, format_metrics
 from .models import Popularity, build_model
@@ -42,6 +43,9 @@ def resolve_device(requested: str | None) -> torch.device:
 def prepare_run_dir(cfg: Config) -> Path:
     """Create train_dir; refuse to silently mix a new run into an old one."""
     t = cfg.train
+    if dist.elastic_restart() and not t.resume:
+        log("torchrun restarted the workers: resuming from the latest checkpoint")
+        t.resume = True
     run_dir = Path(t.train_dir or Path("runs") / Path(resolve_path(cfg.data)).stem)
     has_checkpoint = (run_dir / ckpt.LATEST).exists()
     if has_checkpoint and not (t.resume or t.overwrite):
@@ -94,6 +98,9 @@ def run(cfg: Config) -> dict:
     if cfg.dist.multi_gpu and not dist.launched():
         raise ConfigError("--multi_gpu needs a distributed launch: torchrun --nproc_per_node=N main.py ...")
     dist.init(device, cfg.dist.backend, cfg.dist.master_port)
+    default_port = DistConfig().master_port
+    if dist.active() and cfg.dist.master_port != default_port and os.environ.get("MASTER_PORT") != str(cfg.dist.master_port):
+        log(f"note: --master_port {cfg.dist.master_port} is ignored: the launcher set MASTER_PORT={os.environ.get('MASTER_PORT')}")
     try:
         if cfg.train.inference_only:
             return run_inference(cfg, device)

@@ -72,7 +72,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     train_dir: str | None = opt(None, "run directory for config, metrics and checkpoints (default: runs/<dataset>)")
-    batch_size: int = opt(128, "global batch size (users per step)")
+    batch_size: int = opt(128, "global batch size (users per step, split evenly over ranks)")
+    grad_accum_steps: int = opt(1, "micro-batches per rank and step (the global batch stays --batch_size)")
     lr: float = opt(0.001, "peak learning rate (Adam, betas 0.9/0.98)")
     lr_decay_step: int = opt(1000, "multiply the LR by lr_decay_rate every this many epochs")
     lr_decay_rate: float = opt(0.95, "step-decay factor")
@@ -88,7 +89,9 @@ class TrainConfig:
     amp: str = opt("auto", f"mixed precision: {'|'.join(AMP_MODES)} (auto = bf16 on Ampere+, fp16 on older CUDA, off on CPU)")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     log_every: int = opt(50, "steps between loss/throughput log rows")
-    resume: bool = opt(False, "continue the run in train_dir from its latest checkpoint")
+    save_every_steps: int = opt(0, "also write latest.pt every this many steps, mid-epoch (0 = at epoch ends only)")
+    resume: bool = opt(False, "continue the run in train_dir from its latest checkpoint "
+                              "(implied after a torchrun --max-restarts restart)")
     overwrite: bool = opt(False, "start afresh in a train_dir that already holds checkpoints")
     inference_only: bool = opt(False, "only evaluate the model in state_dict_path")
     state_dict_path: str | None = opt(None, "checkpoint to evaluate with --inference_only")
@@ -216,7 +219,7 @@ def validate(cfg: Config) -> Config:
         "num_heads": m.num_heads, "time_span": m.time_span, "mhc_expansion_rate": m.mhc_expansion_rate,
         "mhc_sinkhorn_iter": m.mhc_sinkhorn_iter, "batch_size": t.batch_size,
         "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
-        "max_bad_steps": t.max_bad_steps, "log_every": t.log_every,
+        "max_bad_steps": t.max_bad_steps, "log_every": t.log_every, "grad_accum_steps": t.grad_accum_steps,
         "eval_negatives": e.eval_negatives, "eval_batch_size": e.eval_batch_size,
     }
     for name, value in positive.items():
@@ -224,7 +227,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name} must be positive, got {value}")
     non_negative = {
         "warmup_steps": t.warmup_steps, "l2_emb": t.l2_emb, "grad_clip": t.grad_clip,
-        "early_stop_patience": t.early_stop_patience, "min_user_count": cfg.data.min_user_count,
+        "early_stop_patience": t.early_stop_patience, "save_every_steps": t.save_every_steps,
+        "min_user_count": cfg.data.min_user_count,
         "min_item_count": cfg.data.min_item_count, "num_workers": cfg.data.num_workers,
     }
     for name, value in non_negative.items():

@@ -47,7 +47,20 @@ def init(device: torch.device, backend: str | None, master_port: int) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
+                            store=_store(), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                             device_id=device if device.type == "cuda" else None)
+
+
+def _store() -> dist.Store:
+    """The launcher's key-value store, under a prefix unique to this restart round.
+
+    torchrun keeps one store across --max-restarts rounds; without a fresh prefix a
+    restarted group can read the dead round's peer addresses and fail to connect.
+    """
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not use_agent_store and os.environ["RANK"] == "0")
+    return dist.PrefixStore(f"seqrec/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:
@@ -67,13 +80,36 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj):
-    """Rank 0's value of a picklable object on every rank."""
+def all_gather_object(obj) -> list:
+    """Every rank's value of a picklable object, in rank order, on every rank."""
     if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def elastic_restart() -> bool:
+    """Whether torchrun restarted this worker group after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+FAULT_ENV = "SEQREC_FAULT_AT_STEP"
+
+
+def maybe_inject_fault(step: int) -> None:
+    """Kill this process at a chosen step, for fault-tolerance tests.
+
+    SEQREC_FAULT_AT_STEP="K" (rank 1) or "K:R" (rank R) exits hard after optimizer step K,
+    only in the first incarnation (TORCHELASTIC_RESTART_COUNT unset or 0), so the
+    restarted group does not die again.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or elastic_restart():
+        return
+    at, _, victim = spec.partition(":")
+    if step == int(at) and rank() == int(victim or 1):
+        os._exit(17)
 
 
 @contextmanager

@@ -76,14 +76,19 @@ class Trainer:
         self.best = {"metric": -math.inf, "epoch": 0, "evals_since": 0}
         self.bad_steps = 0
         self.train_seconds = 0.0  # wall time spent in training epochs, across resumes
+        self.epoch_loss = 0.0  # this rank's loss shares summed over the current epoch's steps
+        shares = dist.world_size() * t.grad_accum_steps
+        if t.batch_size % shares:
+            raise TrainingError(f"--batch_size {t.batch_size} must be divisible by world size x grad_accum_steps "
+                                f"({dist.world_size()} x {t.grad_accum_steps})")
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best": dict(self.best), "train_seconds": self.train_seconds, "rng": ckpt.rng_state(),
-                "item_ids": self.item_ids}
+                "best": dict(self.best), "train_seconds": self.train_seconds, "epoch_loss": self.epoch_loss,
+                "rng": dist.all_gather_object(ckpt.rng_state()), "item_ids": self.item_ids}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -91,8 +96,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], dict(state["best"])
-        self.train_seconds = state["train_seconds"]
-        ckpt.set_rng_state(state["rng"])
+        self.train_seconds, self.epoch_loss = state["train_seconds"], state["epoch_loss"]
+        # Each rank continues its own dropout stream; a run resumed at another world size
+        # continues rank 0's (identity across world sizes is not promised).
+        rng = state["rng"]
+        ckpt.set_rng_state(rng[dist.rank()] if len(rng) == dist.world_size() else rng[0])
 
     def resume(self) -> None:
         """Continue from latest.pt, refusing a checkpoint whose model the current flags would reshape."""
@@ -104,14 +112,16 @@ class Trainer:
                                     f"{saved.get(name)}; the model cannot change shape on resume")
         self.load_state_dict(state)
         self._truncate_metrics()
-        log(f"resumed from {self.run_dir / ckpt.LATEST} after epoch {self.epoch} (step {self.step})")
+        log(f"resumed from {self.run_dir / ckpt.LATEST} at epoch {self.epoch} + "
+            f"{self.step - self.epoch * self.steps_per_epoch} steps (step {self.step})")
 
     def save(self, name: str) -> None:
-        """Write a checkpoint from rank 0; never from non-finite weights."""
+        """Write a checkpoint from rank 0 (with every rank's RNG state); never from non-finite weights."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingError("refusing to checkpoint non-finite weights")
+        state = self.state_dict()  # collective: every rank contributes its RNG state
         if dist.is_main():
-            ckpt.save(self.state_dict(), self.run_dir / name)
+            ckpt.save(state, self.run_dir / name)
         dist.barrier()
 
     # ---------------------------------------------------------------- logging
@@ -136,27 +146,42 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, users: torch.Tensor, epoch: int) -> torch.Tensor:
-        """One optimizer step on this rank's users; returns the (detached) mean loss."""
+        """One optimizer step on a global batch of users; returns this rank's (detached) loss share.
+
+        This rank takes its contiguous share of the batch, in grad_accum_steps micro-batches.
+        The loss is normalised by the valid positions of the whole global batch, which every
+        rank can count from the data without communicating; DDP averages gradients over
+        ranks, so each share is scaled by the world size. The result is the gradient of the
+        one-process loss, whatever the world size or accumulation.
+        """
         t = self.cfg.train
-        batch = self.data.train_batch(users, t.seed, epoch, self.loss_fn.num_negatives)
+        total = (self.data.train_items[users, 1:] != 0).sum().clamp(min=1)
+        scale = dist.world_size() / total
         model = self.ddp or self.model
-        with self.autocast():
-            hidden = model(batch)
-            loss_sum, count = self.loss_fn(self.model, hidden, batch)
-        total = dist.all_reduce_sum(count.detach().float())
-        # DDP averages gradients over ranks, so scale by world size: the result is the
-        # gradient of (sum of all ranks' losses) / (all ranks' valid positions).
-        loss = loss_sum * dist.world_size() / total.clamp(min=1)
-        if t.l2_emb > 0:
-            loss = loss + t.l2_emb * self.model.item_emb.weight.pow(2).sum()
+        micro_batches = self.rank_rows(users).tensor_split(t.grad_accum_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        loss = torch.zeros((), device=self.device)
+        for i, part in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                batch = self.data.train_batch(part, t.seed, epoch, self.loss_fn.num_negatives)
+                with self.autocast():
+                    hidden = model(batch)
+                    loss_sum, _ = self.loss_fn(self.model, hidden, batch)
+                part_loss = loss_sum * scale
+                if t.l2_emb > 0 and last:  # once per step and rank; DDP's average keeps it once
+                    part_loss = part_loss + t.l2_emb * self.model.item_emb.weight.pow(2).sum()
+                self.scaler.scale(part_loss).backward()
+                loss += part_loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        self._guarded_step(loss.detach(), grad_norm)
+        self._guarded_step(loss, grad_norm)
         self.scheduler.step()
         self.step += 1
-        return loss.detach()
+        dist.maybe_inject_fault(self.step)
+        if t.save_every_steps and self.step % t.save_every_steps == 0:
+            self.save(ckpt.LATEST)
+        return loss
 
     def _guarded_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Skip a step with a non-finite loss or gradient; stop after max_bad_steps in a row.
@@ -190,26 +215,27 @@ class Trainer:
         return users[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
 
     def train_epoch(self, epoch: int) -> dict:
+        """The epoch's steps, starting after any already taken (a mid-epoch checkpoint)."""
         t = self.cfg.train
         self.model.train()
         order = self.data.epoch_order(t.seed, epoch)
-        loss_sum = torch.zeros((), device=self.device)
+        first = self.step - (epoch - 1) * self.steps_per_epoch
         start = time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False,
+        bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False,
                    disable=None if dist.is_main() else True)
-        for i in range(self.steps_per_epoch):
-            users = self.rank_rows(order[i * t.batch_size:(i + 1) * t.batch_size])
-            loss_sum += self.train_step(users, epoch)
+        for i in range(first, self.steps_per_epoch):
+            self.epoch_loss += self.train_step(order[i * t.batch_size:(i + 1) * t.batch_size], epoch).item()
             if (i + 1) % t.log_every == 0 or i + 1 == self.steps_per_epoch:
-                seconds = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}",
-                                seq_s=f"{(i + 1) * t.batch_size / seconds:.0f}")
+                bar.set_postfix(loss=f"{self.epoch_loss / (i + 1):.4f}",
+                                seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
             bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
-        return {"type": "train", "epoch": epoch, "step": self.step, "loss": loss_sum.item() / self.steps_per_epoch,
+        loss = dist.all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64)).item() / dist.world_size()
+        self.epoch_loss = 0.0
+        return {"type": "train", "epoch": epoch, "step": self.step, "loss": loss / self.steps_per_epoch,
                 "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
-                "seq_per_s": round(len(order) / seconds, 1)}
+                "seq_per_s": round((len(order) - first * t.batch_size) / seconds, 1)}
 
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> dict:
