@@ -21,7 +21,7 @@ import yaml
 
 TIME_UNITS = ("second", "minute", "hour", "day", "personal")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
-LOSSES = ("bce",)
+LOSSES = ("bce", "gbce", "sampled_softmax", "ce")
 PROTOCOLS = ("sampled", "full")
 DEMO_PRESET = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.yaml"
 
@@ -81,7 +81,11 @@ class TrainConfig:
     l2_emb: float = opt(0.0, "L2 penalty on the item embedding (times its squared norm)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
     num_epochs: int = opt(1000, "training epochs")
-    loss: str = opt("bce", f"training loss: {'|'.join(LOSSES)}")
+    loss: str = opt("bce", f"training loss: {'|'.join(LOSSES)} (ce = full softmax over all items)")
+    num_negatives: int = opt(0, "sampled negatives per position (0 = the loss's default: bce 1, gbce 256, "
+                                "sampled_softmax 256)")
+    gbce_t: float = opt(0.75, "gBCE calibration t in [0, 1] (0 = plain BCE)")
+    ce_chunk_size: int = opt(8192, "items per chunk of the full cross-entropy (bounds its memory)")
     seed: int = opt(42, "seed for initialisation, data order, negatives and dropout")
     eval_every: int = opt(20, "validate every this many epochs (and after the last)")
     early_stop_patience: int = opt(0, "stop after this many validations without improvement (0 = off)")
@@ -220,6 +224,7 @@ def validate(cfg: Config) -> Config:
         "mhc_sinkhorn_iter": m.mhc_sinkhorn_iter, "batch_size": t.batch_size,
         "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
         "max_bad_steps": t.max_bad_steps, "log_every": t.log_every, "grad_accum_steps": t.grad_accum_steps,
+        "ce_chunk_size": t.ce_chunk_size,
         "eval_negatives": e.eval_negatives, "eval_batch_size": e.eval_batch_size,
     }
     for name, value in positive.items():
@@ -228,12 +233,15 @@ def validate(cfg: Config) -> Config:
     non_negative = {
         "warmup_steps": t.warmup_steps, "l2_emb": t.l2_emb, "grad_clip": t.grad_clip,
         "early_stop_patience": t.early_stop_patience, "save_every_steps": t.save_every_steps,
+        "num_negatives": t.num_negatives,
         "min_user_count": cfg.data.min_user_count,
         "min_item_count": cfg.data.min_item_count, "num_workers": cfg.data.num_workers,
     }
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
+    if not 0 <= t.gbce_t <= 1:
+        raise ConfigError(f"gbce_t must be in [0, 1], got {t.gbce_t}")
     if t.lr <= 0:
         raise ConfigError(f"lr must be positive, got {t.lr}")
     if not 0 < t.lr_decay_rate <= 1:

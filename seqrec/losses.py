@@ -1,11 +1,15 @@
 """Training losses behind one interface.
 
 A loss returns (sum of per-position losses, number of valid positions) rather than a
-mean, so the trainer can normalise by the count summed over all ranks and gradient
-accumulation steps: that makes the averaged gradient equal to the one-process one.
+mean, so the trainer can normalise by the count of the whole global batch: that makes
+the averaged gradient equal to the one-process one under DDP and accumulation.
+Padding positions (positive item 0) never contribute. Sampled negatives come from the
+data layer: uniform over items outside the user's training history, so they never
+equal the positive, [B, L] for one and [B, L, k] for k negatives per position.
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -13,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+
+DEFAULT_NEGATIVES = {"bce": 1, "gbce": 256, "sampled_softmax": 256, "ce": 0}
 
 
 class Loss(Protocol):
@@ -22,18 +28,125 @@ class Loss(Protocol):
         ...
 
 
-class BCELoss:
-    """Binary cross-entropy on the next item against one sampled negative per position (SASRec)."""
+def _positive_negative_scores(model, hidden, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores of the positive [B, L] and the negatives [B, L, k], and the valid-position mask."""
+    neg = batch["neg"] if batch["neg"].dim() == 3 else batch["neg"][..., None]
+    pos = model.score(hidden, batch["pos"]).float()
+    negs = model.score(hidden[..., None, :], neg).float()
+    return pos, negs, batch["pos"] != 0
 
-    num_negatives = 1
+
+class BCELoss:
+    """Binary cross-entropy: the positive against each of k sampled negatives (SASRec: k = 1)."""
+
+    def __init__(self, num_negatives: int = 1):
+        self.num_negatives = num_negatives
 
     def __call__(self, model, hidden, batch):
-        valid = batch["pos"] != 0
-        pos = model.score(hidden, batch["pos"]).float()
-        neg = model.score(hidden, batch["neg"]).float()
-        per_position = F.softplus(-pos) + F.softplus(neg)  # = BCE(pos, 1) + BCE(neg, 0)
+        pos, neg, valid = _positive_negative_scores(model, hidden, batch)
+        per_position = F.softplus(-pos) + F.softplus(neg).sum(-1)  # = BCE(pos, 1) + sum BCE(neg, 0)
         return (per_position * valid).sum(), valid.sum()
 
 
-def build_loss(cfg: TrainConfig) -> Loss:
-    return {"bce": BCELoss}[cfg.loss]()
+class GBCELoss:
+    """gBCE (gSASRec, arXiv 2308.07192): BCE whose positive probability is raised to beta.
+
+    With k negatives out of |I| - 1 items, alpha = k / (|I| - 1) and
+    beta = alpha (t (1 - 1/alpha) + 1/alpha); t = 0 gives beta = 1 (plain BCE), t = 1
+    calibrates the sampled model to full-softmax probabilities. The positive term
+    -log sigmoid(s)^beta is computed as BCE(gamma, 1) with
+    gamma = log(1 / (sigmoid(s)^-beta - 1)), in float64 as the paper's code does, because
+    sigmoid(s)^-beta - 1 underflows in float32 for confident positives.
+    """
+
+    def __init__(self, num_negatives: int, num_items: int, t: float):
+        self.num_negatives = num_negatives
+        alpha = num_negatives / (num_items - 1)
+        self.beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+
+    def __call__(self, model, hidden, batch):
+        pos, neg, valid = _positive_negative_scores(model, hidden, batch)
+        pos64 = pos.double().clamp(-40, 40)
+        gamma = -torch.log(torch.expm1(-self.beta * F.logsigmoid(pos64)).clamp_min(1e-300))
+        per_position = F.softplus(-gamma).float() + F.softplus(neg).sum(-1)
+        return (per_position * valid).sum(), valid.sum()
+
+
+class SampledSoftmaxLoss:
+    """Cross-entropy of the positive against itself and k uniform negatives per position (eSASRec).
+
+    Negatives are uniform over unseen items, so the logQ correction is a constant and is
+    omitted (it matters only for popularity-proportional sampling).
+    """
+
+    def __init__(self, num_negatives: int):
+        self.num_negatives = num_negatives
+
+    def __call__(self, model, hidden, batch):
+        pos, neg, valid = _positive_negative_scores(model, hidden, batch)
+        logits = torch.cat([pos[..., None], neg], dim=-1)
+        per_position = torch.logsumexp(logits, dim=-1) - pos
+        return (per_position * valid).sum(), valid.sum()
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum over rows of logsumexp(h E^T) - h e_target, excluding item 0, in item chunks.
+
+    Neither direction holds the [M, |I|] logits: the forward keeps a running logsumexp,
+    the backward recomputes each chunk's softmax and accumulates the gradients
+    dh = sum_c softmax_c E_c - e_target and dE_c = softmax_c^T h (- h at the targets).
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = torch.full((h.shape[0],), -math.inf, dtype=h.dtype, device=h.device)
+        for start in range(1, table.shape[0], chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(h @ table[start:start + chunk].t(), dim=1))
+        ctx.save_for_backward(h, table, targets, lse)
+        ctx.chunk = chunk
+        return (lse - (h * table[targets]).sum(1)).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        h, table, targets, lse = ctx.saved_tensors
+        grad_h = -table[targets]
+        grad_table = torch.zeros_like(table).index_add_(0, targets, -h)
+        for start in range(1, table.shape[0], ctx.chunk):
+            rows = table[start:start + ctx.chunk]
+            prob = torch.exp(h @ rows.t() - lse[:, None])
+            grad_h += prob @ rows
+            grad_table[start:start + ctx.chunk] += prob.t() @ h
+        return grad_h * grad, grad_table * grad, None, None
+
+
+class FullCrossEntropyLoss:
+    """Softmax cross-entropy over the whole catalogue ("SASRec+", arXiv 2309.07602).
+
+    Computed in item chunks with a hand-written backward, so memory is O(positions x chunk)
+    instead of O(positions x |I|): a catalogue of millions of items fits.
+    """
+
+    num_negatives = 0
+
+    def __init__(self, chunk_size: int = 8192):
+        self.chunk_size = chunk_size
+
+    def __call__(self, model, hidden, batch):
+        valid = batch["pos"] != 0
+        table = model.item_emb.weight
+        dtype = torch.promote_types(table.dtype, torch.float32)  # fp32 under autocast, fp64 stays
+        loss = _ChunkedCrossEntropy.apply(hidden[valid].to(dtype), table.to(dtype), batch["pos"][valid],
+                                          self.chunk_size)
+        return loss, valid.sum()
+
+
+def build_loss(cfg: TrainConfig, num_items: int) -> Loss:
+    k = cfg.num_negatives or DEFAULT_NEGATIVES[cfg.loss]
+    if cfg.loss == "bce":
+        return BCELoss(k)
+    if cfg.loss == "gbce":
+        return GBCELoss(k, num_items, cfg.gbce_t)
+    if cfg.loss == "sampled_softmax":
+        return SampledSoftmaxLoss(k)
+    return FullCrossEntropyLoss(cfg.ce_chunk_size)

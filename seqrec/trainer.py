@@ -63,7 +63,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, data.num_items).to(device)
         self.ddp = DistributedDataParallel(self.model) if dist.active() else None
-        self.loss_fn = build_loss(t)
+        self.loss_fn = build_loss(t, data.num_items)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.98))
         self.steps_per_epoch = math.ceil(data.num_train_users / t.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(

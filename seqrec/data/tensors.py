@@ -87,14 +87,16 @@ class SequenceTensors:
         return self.train_users[torch.argsort(keys)]
 
     def train_batch(self, users: torch.Tensor, seed: int, epoch: int, num_negatives: int = 1) -> Batch:
-        """Inputs, positives and negatives ([B, L] or [B, L, k]) for a batch of user indices."""
+        """Inputs, positives and negatives ([B, L] for k = 1, [B, L, k], none for k = 0) for a batch of users."""
         window = self.train_items[users]
         pos = window[:, 1:]
-        slots = torch.arange(self.maxlen * num_negatives, device=users.device).view(1, self.maxlen, num_negatives)
-        neg = draw_negatives(self.train_history, self.num_items, users[:, None, None], slots,
-                             seed, STREAM_TRAIN, epoch)
-        neg = neg.masked_fill_((pos == 0)[..., None], 0)
-        batch = {"items": window[:, :-1], "pos": pos, "neg": neg if num_negatives > 1 else neg[..., 0]}
+        batch = {"items": window[:, :-1], "pos": pos}
+        if num_negatives:  # a full-softmax loss needs none
+            slots = torch.arange(self.maxlen * num_negatives, device=users.device).view(1, self.maxlen, num_negatives)
+            neg = draw_negatives(self.train_history, self.num_items, users[:, None, None], slots,
+                                 seed, STREAM_TRAIN, epoch)
+            neg = neg.masked_fill_((pos == 0)[..., None], 0)
+            batch["neg"] = neg if num_negatives > 1 else neg[..., 0]
         if self.train_times is not None:
             batch["times"] = self.train_times[users, :-1]
         return batch
