@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.3", "numpy", "pyyaml", "tqdm", "nvidia-ml-py"],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["seqrec=seqrec.cli:console"]},
