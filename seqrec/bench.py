@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -28,7 +29,22 @@ SIZES = {
     "large": {"hidden_units": 256, "num_blocks": 4, "num_heads": 8, "maxlen": 200},
 }
 VARIANTS = {"sasrec": (False, False), "sasrec+mhc": (False, True), "tisasrec": (True, False),
-            "tisasrec+mhc": (True, True)}
+            "tisasrec+mhc": (True, True), "tisasrec-literal": (True, False)}
+DEFAULT_VARIANTS = "sasrec,sasrec+mhc,tisasrec,tisasrec+mhc"
+
+
+def use_literal_attention(model: torch.nn.Module) -> None:
+    """Swap every TiSASRec attention for the literal [B, L, L, d] formula (tests' reference).
+
+    Training steps only: evaluating it at evaluation batch sizes would need tens of GB.
+    """
+    import functools
+
+    from .models.tisasrec import TimeIntervalAttention
+    from .models.tisasrec_reference import reference_attention
+    for module in model.modules():
+        if isinstance(module, TimeIntervalAttention):
+            module.forward = functools.partial(reference_attention, module)
 
 
 def synthetic_sequences(num_users: int = 6040, num_items: int = 3416, seed: int = 0):
@@ -76,6 +92,9 @@ def run_case(spec: dict) -> dict:
     base_rss = peak_rss_gb()
     data = SequenceTensors(synthetic_sequences(), cfg.model.maxlen, device)
     trainer = Trainer(cfg, data, device, Path(tempfile.mkdtemp()), [])
+    literal = spec["variant"].endswith("-literal")
+    if literal:
+        use_literal_attention(trainer.model)
     order = data.epoch_order(0, 1)
     batches = [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(spec["steps"])]
     step_times, batch_times = [], []
@@ -88,8 +107,8 @@ def run_case(spec: dict) -> dict:
            "s_per_epoch": step * trainer.steps_per_epoch,
            "batch_share": statistics.median(batch_times[warm:]) / step}
     for protocol in ("sampled", "full"):
-        out[f"eval_{protocol}_s"] = _timed(lambda: evaluate(trainer.model, data.splits["test"], cfg.eval,
-                                                             data.num_items, (protocol,)), device)
+        out[f"eval_{protocol}_s"] = math.nan if literal else _timed(
+            lambda: evaluate(trainer.model, data.splits["test"], cfg.eval, data.num_items, (protocol,)), device)
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -115,10 +134,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratios(rows: list[dict]) -> str:
+    """Same-run ratios: efficient vs literal TiSASRec, and mHC on vs off, per size."""
+    by = {(r["variant"], r["size"]): r for r in rows if "error" not in r}
+    pairs = [("tisasrec-literal", "tisasrec"), ("sasrec+mhc", "sasrec"), ("tisasrec+mhc", "tisasrec")]
+    lines = []
+    for (a, b), size in ((pair, size) for pair in pairs for size in SIZES):
+        if (a, size) in by and (b, size) in by:
+            ra, rb = by[(a, size)], by[(b, size)]
+            lines.append(f"- {size}: {a} / {b} = {ra['s_per_step'] / rb['s_per_step']:.2f}x step time, "
+                         f"{ra['peak_mem_gb'] / max(rb['peak_mem_gb'], 1e-9):.2f}x peak memory")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seqrec.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seed size only, fewer steps (a few minutes on CPU)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of " + ", ".join(VARIANTS)
+                        + " (tisasrec-literal: the O(B L^2 d) formula, training steps only, several GB)")
     parser.add_argument("--sizes", default=None, help="comma list of " + ", ".join(SIZES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="off", help="off|bf16|fp16|auto")
@@ -148,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "results.md").write_text(table(rows) + "\n")
-    print(table(rows))
+    report = table(rows) + "\n\n" + ratios(rows) + "\n"
+    (out / "results.md").write_text(report)
+    print(report)
     return 0
 
 

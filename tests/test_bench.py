@@ -1,0 +1,27 @@
+"""The benchmark runs end to end (tiny sizes) and reports same-run ratios."""
+import json
+
+from seqrec import bench
+
+
+def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.SIZES, "tiny", {"hidden_units": 8, "num_blocks": 1, "num_heads": 1, "maxlen": 12})
+    monkeypatch.setattr(bench, "synthetic_sequences", lambda: bench_small())
+    spec = {"variant": "tisasrec-literal", "size": "tiny", "time": True, "mhc": False, "device": "cpu",
+            "amp": "off", "batch_size": 8, "steps": 3}
+    row = bench.run_case(spec)
+    assert row["s_per_step"] > 0 and row["peak_mem_gb"] >= 0
+    rows = [row, {**row, "variant": "tisasrec", "s_per_step": row["s_per_step"] / 4}]
+    assert "tisasrec-literal / tisasrec = 4.00x step time" in bench.ratios(rows)
+    assert json.dumps(rows)
+
+
+def bench_small():
+    import numpy as np
+
+    from seqrec.data.sequences import Sequences
+    lengths = np.full(20, 15)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rng = np.random.default_rng(0)
+    return Sequences(np.arange(20).astype(str), np.arange(1, 31).astype(str), offsets,
+                     rng.integers(1, 31, offsets[-1]), np.arange(offsets[-1]) * 60)
