@@ -82,3 +82,25 @@ def test_rank_death_restarts_and_matches_uninterrupted(data_file, tmp_path):
     a, b = ckpt.load(tmp_path / "clean" / "latest.pt"), ckpt.load(tmp_path / "faulty" / "latest.pt")
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_launcher_and_environment_check_run_end_to_end(tmp_path):
+    """train_distributed.sh (2 gloo CPU processes) on the demo data, and test_distributed.py alone
+    and under torchrun."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUM_GPUS": "2"}
+    launch = subprocess.run([str(REPO / "train_distributed.sh"), "demo", str(tmp_path / "run"), "--num_epochs", "1",
+                             "--maxlen", "20", "--hidden_units", "16", "--no_time", "--no_mhc"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, launch.stderr[-2000:]
+    assert "world size 2" in launch.stdout and (tmp_path / "run" / "results.json").exists()
+    alone = subprocess.run([sys.executable, str(REPO / "test_distributed.py"), "--cpu"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0 and "environment OK" in alone.stdout, alone.stderr[-2000:]
+    under = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(REPO / "test_distributed.py"), "--cpu"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert under.returncode == 0 and "all-reduce over 2 processes" in under.stdout, under.stderr[-2000:]
