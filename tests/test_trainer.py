@@ -153,3 +153,14 @@ def test_mixed_precision_trains_on_cpu(data_file, tmp_path, amp):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert (state["scaler"] != {}) == (amp == "fp16")  # the scaler's state is checkpointed only when used
     assert 0 < results["test"]["sampled/NDCG@10"] < 1
+
+
+def test_early_stopping_after_patience_evaluations(data_file, tmp_path, monkeypatch):
+    from seqrec.trainer import Trainer
+    scores = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.9])  # best at epoch 2, then 2 evaluations without improvement
+    original = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate",
+                        lambda self: {**original(self), "sampled/NDCG@10": next(scores)})
+    results = run(small_config(data_file, tmp_path / "r", train__num_epochs=6, train__early_stop_patience=2))
+    assert results["best_epoch"] == 2 and results["epochs"] == 4
+    assert ckpt.load(tmp_path / "r" / "best.pt")["epoch"] == 2
