@@ -46,20 +46,22 @@ def init(device: torch.device, backend: str | None, master_port: int) -> None:
     os.environ.setdefault("MASTER_PORT", str(master_port))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
-                            store=_store(), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                            device_id=device if device.type == "cuda" else None)
+    kwargs = {"device_id": device if device.type == "cuda" else None}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        kwargs.update(store=_restart_round_store(), rank=int(os.environ["RANK"]),
+                      world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), **kwargs)
 
 
-def _store() -> dist.Store:
-    """The launcher's key-value store, under a prefix unique to this restart round.
+def _restart_round_store() -> dist.Store:
+    """torchrun's agent-hosted store, under a prefix unique to this restart round.
 
-    torchrun keeps one store across --max-restarts rounds; without a fresh prefix a
-    restarted group can read the dead round's peer addresses and fail to connect.
+    The agent keeps one store across --max-restarts rounds; without a fresh prefix a
+    restarted group can read the dead round's peer addresses and fail to connect. The
+    agent outlives its workers, so no worker hosts (or tears down) the store.
     """
-    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                          is_master=not use_agent_store and os.environ["RANK"] == "0")
+                          is_master=False)
     return dist.PrefixStore(f"seqrec/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
