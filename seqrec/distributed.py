@@ -7,6 +7,7 @@ degrade to no-ops, so the trainer is written once for any world size.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +17,19 @@ import torch.distributed as dist
 def launched() -> bool:
     """Whether a launcher (torchrun) started this process as part of a group."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for locally spawned process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def become_local_rank(rank: int, world: int, port: int) -> None:
+    """Set the environment torchrun would give local worker `rank` of `world` (spawned groups)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def active() -> bool:

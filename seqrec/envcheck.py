@@ -8,8 +8,6 @@ in processes it spawns itself (one per GPU, or two gloo processes on CPU).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 
 import torch
@@ -61,20 +59,13 @@ def all_reduce_check(device: torch.device) -> bool:
 
 
 def _worker(rank: int, world: int, port: int, use_cuda: bool, result) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.become_local_rank(rank, world, port)
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     dist.init(device, None, port)
     try:
         result[rank] = int(all_reduce_check(device))
     finally:
         dist.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     report()
     world = args.nproc or (torch.cuda.device_count() if use_cuda else 2)
     result = mp.get_context("spawn").Array("i", world)
-    mp.start_processes(_worker, args=(world, _free_port(), use_cuda, result), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, dist.free_port(), use_cuda, result), nprocs=world, start_method="spawn")
     ok = all(result)
     print("environment OK" if ok else "environment check FAILED")
     return 0 if ok else 1

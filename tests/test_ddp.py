@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,17 +11,11 @@ import torch.multiprocessing as mp
 from conftest import small_config, write_interactions
 from seqrec import checkpoint as ckpt
 from seqrec.cli import run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from seqrec.distributed import become_local_rank, free_port
 
 
 def _rank_main(rank, world, port, cfg):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    become_local_rank(rank, world, port)
     torch.set_num_threads(1)
     run(cfg)
 
@@ -38,7 +31,7 @@ def test_two_ranks_equal_one_process(tmp_path, num_users, batch_size, accum):
               model__dropout_rate=0.0, train__eval_every=1)
     single = run(small_config(data_file, tmp_path / "one", **{**kw, "train__grad_accum_steps": 1}))
     cfg = small_config(data_file, tmp_path / "two", dist__multi_gpu=True, **kw)
-    mp.start_processes(_rank_main, args=(2, _free_port(), cfg), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, free_port(), cfg), nprocs=2, start_method="spawn")
     a, b = ckpt.load(tmp_path / "one" / "latest.pt"), ckpt.load(tmp_path / "two" / "latest.pt")
     assert a["step"] == b["step"]
     for name, value in a["model"].items():
@@ -62,7 +55,7 @@ def _torchrun(tmp_path, run_dir, data_file, extra_env=None, *extra):
     from conftest import REPO
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra_env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(REPO / "main.py"),
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "main.py"),
            "--data_path", str(data_file), "--train_dir", str(run_dir), "--device", "cpu", "--multi_gpu",
            "--no_time", "--no_mhc", "--maxlen", "20", "--hidden_units", "16", "--batch_size", "16",
            "--num_epochs", "2", "--eval_every", "2", "--dropout_rate", "0", "--eval_negatives", "20", *extra]
