@@ -1,0 +1,166 @@
+"""The ablation table of docs/RESULTS.md, rerunnable: every row is a plain ``main.py`` run.
+
+    python launch/ablation.py --ratings ratings.dat --video Video.txt --out runs/ablation
+    python launch/ablation.py --out runs/ablation --table          # table only, from finished runs
+
+Rows: {SASRec, SASRec+mHC, TiSASRec, TiSASRec+mHC} × {post-LN, pre-LN} × two protocols —
+``bce`` (the seed's: BCE with one negative, selected on sampled-100 NDCG@10) and ``ce``
+(full softmax cross-entropy, selected on full-ranking NDCG@10) — on a MovieLens-1M
+``ratings.dat`` (converted by data/convert_ml1m.py, SASRec's one-pass 5-count filter),
+plus SASRec on the SASRec paper's Video Games file (maxlen 50) under the seed protocol.
+Each (row, seed) runs in OUT/ROW/seedS. A finished run (results.json) is never rerun and
+an interrupted one resumes from its latest checkpoint, so the script can be stopped and
+started again at will; ``--rows`` picks a subset by name prefix. Selection is on
+validation only; the test numbers are those main.py reports once, at the best
+validation checkpoint. The markdown table goes to OUT/table.md and stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = {"sasrec": ["--no_time", "--no_mhc"], "sasrec+mhc": ["--no_time", "--mhc"],
+          "tisasrec": ["--time", "--no_mhc"], "tisasrec+mhc": ["--time", "--mhc"]}
+NORMS = {"post": ["--no_norm_first"], "pre": ["--norm_first"]}
+PROTOCOLS = {
+    "bce": (["--loss", "bce", "--select_metric", "sampled/NDCG@10"], "sampled", "HR@10"),
+    "ce": (["--loss", "ce", "--select_metric", "full/NDCG@10"], "full", "Recall@10"),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    data: str  # "ml1m" or "video"
+    protocol: str
+    args: list[str] = field(default_factory=list)
+
+
+def all_rows() -> list[Row]:
+    rows = [Row(f"{model}-{norm}-{protocol}", "ml1m", protocol, margs + nargs + PROTOCOLS[protocol][0])
+            for protocol in PROTOCOLS for model, margs in MODELS.items() for norm, nargs in NORMS.items()]
+    rows.append(Row("video-sasrec-post-bce", "video", "bce",
+                    MODELS["sasrec"] + NORMS["post"] + PROTOCOLS["bce"][0] + ["--maxlen", "50"]))
+    return rows
+
+
+def command(row: Row, seed: int, data_path: Path, run_dir: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, str(REPO / "main.py"), "--data_path", str(data_path), "--train_dir", str(run_dir),
+           "--seed", str(seed), "--num_epochs", str(args.epochs), "--eval_every", str(args.eval_every), *row.args]
+    if (run_dir / "latest.pt").exists():
+        cmd.append("--resume")
+    return cmd + args.extra
+
+
+def run_all(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> None:
+    """Run the commands, `parallel` at a time, each pinned to `threads` threads; logs beside the run."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            cmd, run_dir = pending.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            print("$", " ".join(cmd), flush=True)
+            log = open(run_dir / "train.log", "a")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), run_dir, log))
+        time.sleep(5)
+        for job in [j for j in running if j[0].poll() is not None]:
+            proc, run_dir, log = job
+            log.close()
+            running.remove(job)
+            print(f"{run_dir}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode}, see train.log)'}",
+                  flush=True)
+
+
+def summarise(run_dir: Path, protocol: str) -> dict | None:
+    """Best epoch, valid/test metrics of the protocol, and training seconds of one finished run."""
+    try:
+        result = json.loads((run_dir / "results.json").read_text())
+    except FileNotFoundError:
+        return None
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    prefix, hit = PROTOCOLS[protocol][1], PROTOCOLS[protocol][2]
+    return {"best_epoch": result["best_epoch"],
+            "epochs": max(r["epoch"] for r in records if r["type"] == "train"),
+            "valid": result["valid"][f"{prefix}/NDCG@10"], "ndcg": result["test"][f"{prefix}/NDCG@10"],
+            "hit": result["test"][f"{prefix}/{hit}"],
+            "seconds": sum(r["seconds"] for r in records if r["type"] == "train")}
+
+
+def _spread(values: list[float]) -> str:
+    """Mean ± half the range (the range is all two or three seeds can honestly give)."""
+    mean = statistics.fmean(values)
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {(max(values) - min(values)) / 2:.4f}"
+
+
+def table(rows: list[Row], out: Path, seeds: list[int]) -> str:
+    hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                else f"CPU {os.cpu_count()} cores ({platform.machine()})")
+    lines = ["| row | data | metrics | seeds | epochs (best) | valid NDCG@10 | test NDCG@10 | test HR@10 / Recall@10 "
+             "| train time / run |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        runs = [s for s in (summarise(out / row.name / f"seed{seed}", row.protocol) for seed in seeds) if s]
+        if not runs:
+            continue
+        epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in runs)
+        minutes = statistics.fmean(r["seconds"] for r in runs) / 60
+        lines.append(f"| {row.name} | {row.data} | {PROTOCOLS[row.protocol][1]} | {len(runs)} | {epochs} "
+                     f"| {_spread([r['valid'] for r in runs])} | {_spread([r['ndcg'] for r in runs])} "
+                     f"| {_spread([r['hit'] for r in runs])} | {minutes:.0f} min |")
+    lines.append(f"\nHardware: {hardware}, torch {torch.__version__}. Spread = half the range over seeds.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Arguments after `--` go to every main.py run.")
+    parser.add_argument("--ratings", type=Path, help="MovieLens-1M ratings.dat (or a part of it)")
+    parser.add_argument("--video", type=Path, help="the SASRec paper's Video.txt ('user item' lines)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")
+    parser.add_argument("--rows", default="", help="comma-separated row-name prefixes (default: all rows)")
+    parser.add_argument("--seeds", default="42,43", help="comma-separated training seeds")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--eval_every", type=int, default=20)
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="OMP threads per run")
+    parser.add_argument("--table", action="store_true", help="only write the table from finished runs")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.extra = argv[split + 1:]
+    prefixes = [p for p in args.rows.split(",") if p]
+    rows = [r for r in all_rows() if not prefixes or any(r.name.startswith(p) for p in prefixes)]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.table:
+        sources = {"ml1m": args.out / "ml-1m.txt", "video": args.video}
+        if any(r.data == "ml1m" for r in rows) and not sources["ml1m"].exists():
+            if args.ratings is None:
+                parser.error("--ratings is needed to build the MovieLens rows")
+            subprocess.run([sys.executable, str(REPO / "data" / "convert_ml1m.py"), "--ratings", str(args.ratings),
+                            "--out", str(sources["ml1m"])], check=True)
+        if any(r.data == "video" for r in rows) and args.video is None:
+            parser.error("--video is needed for the Video rows (or leave them out with --rows)")
+        jobs = [(command(row, seed, sources[row.data], args.out / row.name / f"seed{seed}", args),
+                 args.out / row.name / f"seed{seed}")
+                for seed in seeds for row in rows if not (args.out / row.name / f"seed{seed}" / "results.json").exists()]
+        run_all(jobs, args.parallel, args.threads)
+    text = table(rows, args.out, seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
