@@ -22,6 +22,26 @@ def _shard(n: int) -> range:
     return range(start, min(n, start + per_rank))
 
 
+def _batches(split: EvalSplit, shard: range, batch_size: int):
+    """The shard's users in batches of similar history length, each cut to its longest history.
+
+    Inputs are left-padded to maxlen, but most users are shorter (ML-1M: median ≈ 100 of
+    200): columns that are padding for the whole batch are dropped, so attention costs
+    ∝ the batch's own length². The models read a narrower input as the right end of the
+    window, so every score is what the full-width input gives; metric sums do not depend
+    on the order in which users are visited.
+    """
+    lengths = (split.items[shard.start:shard.stop] != 0).sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    cuts = lengths[order[::batch_size]].tolist()  # one host read for the whole pass
+    for cut, start in zip(cuts, range(0, len(order), batch_size)):
+        batch = split.batch(order[start:start + batch_size] + shard.start)
+        batch["items"] = batch["items"][:, -cut:]
+        if "times" in batch:
+            batch["times"] = batch["times"][:, -cut:]
+        yield batch
+
+
 def _mask_history(scores: torch.Tensor, split: EvalSplit, users: torch.Tensor, num_items: int) -> None:
     """Set the scores of each user's input items to -inf (variable-length, gathered from sorted keys)."""
     width = num_items + 1
@@ -42,8 +62,7 @@ def evaluate(model: nn.Module, split: EvalSplit, cfg: EvalConfig, num_items: int
     model.eval()
     shard = _shard(len(split))
     sums: dict[str, torch.Tensor] = {}
-    for start in range(shard.start, shard.stop, cfg.eval_batch_size):
-        batch = split.batch(slice(start, min(shard.stop, start + cfg.eval_batch_size)))
+    for batch in _batches(split, shard, cfg.eval_batch_size):
         hidden = model(batch)[:, -1].float()
         target = batch["targets"]
         parts = []

@@ -77,3 +77,32 @@ def test_history_masking_never_masks_the_target():
     split = make_split(targets=[1], negatives=[[2, 3]], history_items=[[1, 2]])  # repeat consumption of item 1
     m = evaluate(FixedScores(table), split, EvalConfig(topk=[1], mask_history=True), num_items=5)
     assert m["full/Recall@1"] == 1.0
+
+
+@pytest.mark.parametrize("time", [False, True])
+def test_evaluation_of_trimmed_batches_equals_full_width(data_file, time):
+    """evaluate() visits users by length and drops all-padding columns; a plain full-width
+    pass over the users in file order must give the same metrics."""
+    from conftest import small_config
+    from seqrec.data import load_sequences
+    from seqrec.data.tensors import SequenceTensors
+    from seqrec.models import build_model
+    cfg = small_config(data_file, data_file.parent, model__time=time, eval__eval_batch_size=7)
+    data = SequenceTensors(load_sequences(cfg.data), cfg.model.maxlen, "cpu", eval_negatives=20)
+    model = build_model(cfg.model, data.num_items).eval()
+    split = data.splits["valid"]
+    assert ((split.items != 0).sum(1) < cfg.model.maxlen).sum() >= 7  # at least one whole batch is trimmed
+    with torch.no_grad():
+        batch = split.batch(slice(None))
+        hidden = model(batch)[:, -1]
+        scores = model.score(hidden[:, None, :], torch.cat([batch["targets"][:, None], batch["negatives"]], 1))
+        full = model.score_all(hidden)
+    sampled = metric_sums(pessimistic_rank(scores[:, 0], scores[:, 1:]), [10], ("HR", "NDCG"))
+    target = full.gather(1, batch["targets"][:, None])[:, 0]
+    full[:, 0] = -math.inf
+    full.scatter_(1, batch["targets"][:, None], -math.inf)
+    ranked = metric_sums(pessimistic_rank(target, full), cfg.eval.topk)
+    m = evaluate(model, split, cfg.eval, data.num_items)
+    assert m["sampled/NDCG@10"] == pytest.approx(sampled["NDCG@10"].item() / len(split), abs=1e-6)
+    assert m["full/NDCG@10"] == pytest.approx(ranked["NDCG@10"].item() / len(split), abs=1e-6)
+    assert m["full/MRR@20"] == pytest.approx(ranked["MRR@20"].item() / len(split), abs=1e-6)

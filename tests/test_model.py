@@ -9,7 +9,7 @@ from seqrec.models.attention import attention_mask
 def make_model(norm_first, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(maxlen=12, hidden_units=16, num_heads=2, num_blocks=2, dropout_rate=0.0,
-                      norm_first=norm_first, time=False, mhc=False, **kw)
+                      norm_first=norm_first, **{"time": False, "mhc": False, **kw})
     return build_model(cfg, num_items=30).eval()
 
 
@@ -74,3 +74,17 @@ def test_embedding_padding_rows_are_zero():
     model = make_model(True)
     assert isinstance(model, SASRec)
     assert model.item_emb.weight[0].abs().sum() == 0 and model.pos_emb.weight[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("time, mhc", [(False, False), (False, True), (True, False), (True, True)])
+def test_input_without_its_padding_columns_gives_the_same_outputs(norm_first, time, mhc):
+    """Evaluation drops columns that are padding in the whole batch: a narrower input is the
+    right end of the window, so real positions must come out exactly as in full width."""
+    model = make_model(norm_first, time=time, mhc=mhc)
+    items = left_padded([7, 5, 2])
+    times = torch.cumsum(torch.randint(0, 5000, items.shape), 1)
+    full = model({"items": items, "times": times})
+    cut = model({"items": items[:, -7:], "times": times[:, -7:]})
+    valid = items[:, -7:] != 0
+    assert torch.allclose(full[:, -7:][valid], cut[valid], atol=1e-6)

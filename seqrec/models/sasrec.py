@@ -108,9 +108,14 @@ class SASRec(nn.Module):
         return {"mask": attention_mask(batch["items"])}
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:
-        """Item embedding x sqrt(d) plus positions 1..L counted so the last slot is always L."""
+        """Item embedding x sqrt(d) plus positions counted so the last slot is always maxlen.
+
+        Inputs narrower than maxlen are read as the right end of the left-padded window
+        (evaluation drops all-padding columns), so they get the same positions as in full width.
+        """
         valid = items != 0
-        positions = torch.arange(1, items.shape[1] + 1, device=items.device) * valid
+        maxlen = self.pos_emb.num_embeddings - 1
+        positions = torch.arange(maxlen - items.shape[1] + 1, maxlen + 1, device=items.device) * valid
         x = self.item_emb(items) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
         return self.emb_dropout(x) * valid[..., None]
 

@@ -63,8 +63,12 @@ class TimeIntervalAttention(CausalSelfAttention):
         self.table_dropout = Dropout(dropout)
 
     def table(self, emb: nn.Embedding, rows: int) -> torch.Tensor:
-        """The first ``rows`` rows of a table, dropped out and split into heads: [h, rows, d_h]."""
-        w = self.table_dropout(emb.weight[:rows])
+        """The last ``rows`` rows of a table, dropped out and split into heads: [h, rows, d_h].
+
+        Last, so that an input narrower than maxlen (the right end of the window) keeps the
+        positions it has in full width; interval tables are always taken whole.
+        """
+        w = self.table_dropout(emb.weight[emb.num_embeddings - rows:])
         return w.view(rows, self.num_heads, -1).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:

@@ -22,8 +22,9 @@ def reference_attention(module: TimeIntervalAttention, x: torch.Tensor, ctx: dic
     q, k, v = module.qkv(x).chunk(3, dim=-1)
     mask = ctx["mask"]
     r = ctx["intervals"]
-    keys = k[:, None, :, :] + module.pos_k.weight[:length] + module.interval_k.weight[r]  # [B, L, L, d]: (i, j)
-    values = v[:, None, :, :] + module.pos_v.weight[:length] + module.interval_v.weight[r]
+    first = module.pos_k.num_embeddings - length  # the window's right end, as the efficient form
+    keys = k[:, None, :, :] + module.pos_k.weight[first:] + module.interval_k.weight[r]  # [B, L, L, d]: (i, j)
+    values = v[:, None, :, :] + module.pos_v.weight[first:] + module.interval_v.weight[r]
     per_head = lambda t: t.view(b, length, length, heads, dh)  # noqa: E731
     scores = torch.einsum("bihc,bijhc->bhij", q.view(b, length, heads, dh), per_head(keys)) / math.sqrt(dh)
     a = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1) * mask
