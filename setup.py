@@ -12,6 +12,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "matplotlib"],
         "plot": ["matplotlib"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["seqrec=seqrec.cli:console"]},
 )

@@ -2,7 +2,8 @@
 
 ``python main.py [flags]`` and ``seqrec train [flags]`` train (and, with
 ``--inference_only``, only evaluate); ``seqrec evaluate`` evaluates a checkpoint;
-``seqrec recommend`` serves top-k items from a checkpoint; ``seqrec envcheck``
+``seqrec recommend`` serves top-k items from a checkpoint; ``seqrec export`` writes its
+scoring model to TorchScript or ONNX; ``seqrec envcheck``
 checks the distributed environment; ``seqrec bench`` measures speed and memory. Expected failures (bad
 config, bad data, unusable checkpoint, diverged run) end with one line on stderr
 and a non-zero exit code instead of a traceback.
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
 
 
 def console(argv: list[str] | None = None) -> int:
-    """`seqrec COMMAND [flags]`: train | evaluate | recommend | envcheck | bench."""
+    """`seqrec COMMAND [flags]`: train | evaluate | recommend | export | envcheck | bench."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": lambda rest: main(rest, "seqrec train"),
@@ -141,6 +142,7 @@ def console(argv: list[str] | None = None) -> int:
         "envcheck": _envcheck,
         "bench": _bench,
         "recommend": _recommend,
+        "export": _export,
     }
     if not argv or argv[0] not in commands:
         print(f"usage: seqrec {{{','.join(commands)}}} [flags]   (seqrec COMMAND --help for its flags)",
@@ -152,6 +154,11 @@ def console(argv: list[str] | None = None) -> int:
 def _recommend(argv: list[str]) -> int:
     from .serve import main as recommend_main
     return recommend_main(argv)
+
+
+def _export(argv: list[str]) -> int:
+    from .export import main as export_main
+    return export_main(argv)
 
 
 def _bench(argv: list[str]) -> int:

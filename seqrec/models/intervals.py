@@ -53,7 +53,7 @@ def _personal_distances(times: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     """
     gaps = times[:, 1:] - times[:, :-1]
     gaps = gaps.masked_fill(~(valid[:, 1:] & valid[:, :-1]) | (gaps == 0), _NO_GAP)
-    gaps = torch.cat([gaps.new_full((len(times), 1), _NO_GAP), gaps], dim=1)
+    gaps = torch.cat([gaps.new_full((times.shape[0], 1), _NO_GAP), gaps], dim=1)
     scale = gaps.cummin(dim=1).values
     scale = scale.masked_fill_(scale == _NO_GAP, 1).double()
     first = valid.int().argmax(dim=1, keepdim=True)  # first valid slot (argmax returns the first maximum)

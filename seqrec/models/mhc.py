@@ -30,6 +30,16 @@ def _sum(p: torch.Tensor, dim: int) -> torch.Tensor:
     return (ones @ p.view(p.shape[0], -1)).view(1, *p.shape[1:]) if dim == 0 else ones @ p
 
 
+def _normalise(z: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The forward of _Normalise: the result and the normalisers its backward needs."""
+    p = z.exp()
+    sums = []
+    for dim in dims:
+        sums.append(_sum(p, dim))
+        p.mul_(sums[-1].reciprocal())
+    return p, sums
+
+
 class _Normalise(torch.autograd.Function):
     """exp(z), then divide by its sums over dims[0], dims[1], ... in turn (z: [n, n, T]).
 
@@ -43,11 +53,7 @@ class _Normalise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        p = z.exp()
-        sums = []
-        for dim in dims:
-            sums.append(_sum(p, dim))
-            p.mul_(sums[-1].reciprocal())
+        p, sums = _normalise(z, dims)
         ctx.dims = dims
         ctx.save_for_backward(p, *sums)
         return p
@@ -85,7 +91,17 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     n = logits.shape[-1]
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, n, n).permute(1, 2, 0)
     z = (z - z.amax(0, keepdim=True).detach()).clamp_min(-60.0)
-    return _Normalise.apply(z.contiguous(), (0, 1) * iters).permute(2, 0, 1).reshape(logits.shape)
+    z, dims = z.contiguous(), (0, 1) * iters
+    # A traced graph (seqrec.export) cannot hold a Python autograd.Function; it needs no backward.
+    p = _normalise(z, dims)[0] if torch.jit.is_tracing() else _Normalise.apply(z, dims)
+    return p.permute(2, 0, 1).reshape(logits.shape)
+
+
+def _rms_projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of _RMSProjection: the result, and the 1/rms and raw product its backward needs."""
+    inv_rms = torch.linalg.vector_norm(x, dim=-1).square_().div_(x.shape[1]).add_(1e-6).rsqrt_()
+    raw = torch.mm(phi.t(), x.t())
+    return raw * inv_rms, inv_rms, raw
 
 
 class _RMSProjection(torch.autograd.Function):
@@ -101,10 +117,9 @@ class _RMSProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        inv_rms = torch.linalg.vector_norm(x, dim=-1).square_().div_(x.shape[1]).add_(1e-6).rsqrt_()
-        raw = torch.mm(phi.t(), x.t())
+        out, inv_rms, raw = _rms_projection(x, phi)
         ctx.save_for_backward(x, phi, inv_rms, raw)
-        return raw * inv_rms
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -175,7 +190,8 @@ class MHCResidual(nn.Module):
         n, lead = self.n, x.shape[:-2]
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-2] * x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
-            projected = _RMSProjection.apply(flat, self.phi)
+            projected = (_rms_projection(flat, self.phi)[0] if torch.jit.is_tracing()  # see sinkhorn
+                         else _RMSProjection.apply(flat, self.phi))
             scale = torch.cat([a.expand(k) for a, k in zip(self.alpha, (n, n, n * n))])
             logits = torch.addcmul(self.static[:, None], scale[:, None], projected)  # [2n + n², T]
             h_pre = torch.sigmoid(logits[:n]).t().reshape(*lead, n)
