@@ -62,7 +62,13 @@ def synthetic_sequences(num_users: int = 6040, num_items: int = 3416, seed: int 
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak RSS. Linux's VmHWM where there is one: getrusage's ru_maxrss
+    carries the parent's RSS over into a child that subprocess started with vfork."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _timed(fn, device: torch.device) -> float:
