@@ -84,6 +84,10 @@ class TrainConfig:
     loss: str = opt("bce", f"training loss: {'|'.join(LOSSES)} (ce = full softmax over all items)")
     num_negatives: int = opt(0, "sampled negatives per position (0 = the loss's default: bce 1, gbce 256, "
                                 "sampled_softmax 256)")
+    shared_negatives: bool = opt(False, "sampled losses: one set of num_negatives items for the whole step, scored "
+                                        "with one matmul, instead of a set per position")
+    logq: bool = opt(False, "sampled_softmax: draw negatives in proportion to training popularity and subtract "
+                            "log q from the logits (logQ correction)")
     gbce_t: float = opt(0.75, "gBCE calibration t in [0, 1] (0 = plain BCE)")
     ce_chunk_size: int = opt(8192, "items per chunk of the full cross-entropy (bounds its memory)")
     seed: int = opt(42, "seed for initialisation, data order, negatives and dropout")
@@ -91,6 +95,7 @@ class TrainConfig:
     early_stop_patience: int = opt(0, "stop after this many validations without improvement (0 = off)")
     device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     amp: str = opt("auto", f"mixed precision: {'|'.join(AMP_MODES)} (auto = bf16 on Ampere+, fp16 on older CUDA, off on CPU)")
+    compile: bool = opt(False, "torch.compile the training forward (for GPUs; on CPU it was measured slower, see docs/PERFORMANCE.md)")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     log_every: int = opt(50, "steps between loss/throughput log rows")
     save_every_steps: int = opt(0, "also write latest.pt every this many steps, mid-epoch (0 = at epoch ends only)")
@@ -115,7 +120,8 @@ class EvalConfig:
 class DistConfig:
     multi_gpu: bool = opt(False, "require a torchrun environment and train with DistributedDataParallel")
     backend: str | None = opt(None, "process-group backend (default: nccl on CUDA, gloo on CPU)")
-    master_port: int = opt(29500, "rendezvous port when MASTER_PORT is not set by the launcher")
+    master_port: int = opt(29500, "rendezvous port: train_distributed.sh pins torchrun to it when given; under "
+                                  "your own torchrun the launcher's port wins")
 
 
 @dataclass
@@ -240,6 +246,10 @@ def validate(cfg: Config) -> Config:
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
+    if t.loss == "ce" and t.shared_negatives:
+        raise ConfigError("shared_negatives needs a sampled loss (bce, gbce or sampled_softmax), not ce")
+    if t.logq and t.loss != "sampled_softmax":
+        raise ConfigError(f"logq corrects sampled_softmax logits; it does not apply to loss '{t.loss}'")
     if not 0 <= t.gbce_t <= 1:
         raise ConfigError(f"gbce_t must be in [0, 1], got {t.gbce_t}")
     if t.lr <= 0:

@@ -6,6 +6,8 @@ degrade to no-ops, so the trainer is written once for any world size.
 """
 from __future__ import annotations
 
+import datetime
+import gc
 import os
 import socket
 from contextlib import contextmanager
@@ -52,8 +54,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: torch.device, backend: str | None, master_port: int) -> None:
-    """Join the process group torchrun describes; nccl on CUDA, gloo on CPU unless told otherwise."""
+def init(device: torch.device, backend: str | None, master_port: int, timeout_s: float | None = None) -> None:
+    """Join the process group torchrun describes; nccl on CUDA, gloo on CPU unless told otherwise.
+
+    timeout_s bounds each collective (torch's default is 10 minutes); the environment check
+    sets it short so a hung peer becomes a failed check instead of a hang.
+    """
     if not launched() or active():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -61,6 +67,8 @@ def init(device: torch.device, backend: str | None, master_port: int) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     kwargs = {"device_id": device if device.type == "cuda" else None}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         kwargs.update(store=_restart_round_store(), rank=int(os.environ["RANK"]),
                       world_size=int(os.environ["WORLD_SIZE"]))
@@ -80,13 +88,38 @@ def _restart_round_store() -> dist.Store:
 
 
 def shutdown() -> None:
+    """Leave the process group, first freeing unreachable DistributedDataParallel wrappers.
+
+    DDP objects sit in reference cycles; one that the garbage collector frees only after
+    the group is destroyed (at interpreter exit) can abort the process ("terminate called
+    without an active exception"), seen in a third of the environment check's torchrun runs.
+    """
     if active():
+        gc.collect()
         dist.destroy_process_group()
+
+
+def backend() -> str | None:
+    """The process group's backend ('gloo', 'nccl'), or None without a group."""
+    return dist.get_backend() if active() else None
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends this torch build can use (independent of any process group)."""
+    return {"gloo": dist.is_available() and dist.is_gloo_available(),
+            "nccl": dist.is_available() and dist.is_nccl_available()}
 
 
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite a tensor in place with rank `src`'s copy (identity in one process)."""
+    if active():
+        dist.broadcast(t, src)
+    return t
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

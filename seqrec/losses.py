@@ -4,8 +4,10 @@ A loss returns (sum of per-position losses, number of valid positions) rather th
 mean, so the trainer can normalise by the count of the whole global batch: that makes
 the averaged gradient equal to the one-process one under DDP and accumulation.
 Padding positions (positive item 0) never contribute. Sampled negatives come from the
-data layer: uniform over items outside the user's training history, so they never
-equal the positive, [B, L] for one and [B, L, k] for k negatives per position.
+data layer as the loss asks for them (`num_negatives`, `sampler`, `shared`): per
+position ([B, L] for one, [B, L, k] for k) they are drawn outside the user's training
+history, so they never equal the positive; shared ([k] for the whole step) they are
+scored with one matmul and any that equals a position's positive is masked out there.
 """
 from __future__ import annotations
 
@@ -17,30 +19,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .data.sampling import ItemSampler
 
 DEFAULT_NEGATIVES = {"bce": 1, "gbce": 256, "sampled_softmax": 256, "ce": 0}
 
 
 class Loss(Protocol):
     num_negatives: int
+    sampler: ItemSampler | None  # distribution of the negatives (None: uniform)
+    shared: bool  # one [k] set of negatives per step instead of one per position
 
     def __call__(self, model: nn.Module, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
 def _positive_negative_scores(model, hidden, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores of the positive [B, L] and the negatives [B, L, k], and the valid-position mask."""
-    neg = batch["neg"] if batch["neg"].dim() == 3 else batch["neg"][..., None]
+    """Scores of the positive [B, L] and the negatives [B, L, k], and the valid-position mask.
+
+    A shared negative equal to the position's positive scores -inf: it then adds nothing
+    to any of the losses below (softplus(-inf) = 0, exp(-inf) = 0) and gets no gradient.
+    """
+    neg = batch["neg"]
     pos = model.score(hidden, batch["pos"]).float()
-    negs = model.score(hidden[..., None, :], neg).float()
+    if neg.dim() == 1:
+        negs = (hidden @ model.item_emb(neg).t()).float()
+        negs = negs.masked_fill(neg == batch["pos"][..., None], -math.inf)
+    else:
+        negs = model.score(hidden[..., None, :], neg if neg.dim() == 3 else neg[..., None]).float()
     return pos, negs, batch["pos"] != 0
 
 
-class BCELoss:
-    """Binary cross-entropy: the positive against each of k sampled negatives (SASRec: k = 1)."""
+class _Sampled:
+    """What a sampled loss asks of the data layer: how many negatives, from which
+    distribution, per position or shared by the step."""
 
-    def __init__(self, num_negatives: int = 1):
-        self.num_negatives = num_negatives
+    def __init__(self, num_negatives: int = 1, shared: bool = False, sampler: ItemSampler | None = None):
+        self.num_negatives, self.shared, self.sampler = num_negatives, shared, sampler
+
+
+class BCELoss(_Sampled):
+    """Binary cross-entropy: the positive against each of k sampled negatives (SASRec: k = 1)."""
 
     def __call__(self, model, hidden, batch):
         pos, neg, valid = _positive_negative_scores(model, hidden, batch)
@@ -48,7 +66,7 @@ class BCELoss:
         return (per_position * valid).sum(), valid.sum()
 
 
-class GBCELoss:
+class GBCELoss(_Sampled):
     """gBCE (gSASRec, arXiv 2308.07192): BCE whose positive probability is raised to beta.
 
     With k negatives out of |I| - 1 items, alpha = k / (|I| - 1) and
@@ -59,8 +77,8 @@ class GBCELoss:
     sigmoid(s)^-beta - 1 underflows in float32 for confident positives.
     """
 
-    def __init__(self, num_negatives: int, num_items: int, t: float):
-        self.num_negatives = num_negatives
+    def __init__(self, num_negatives: int, num_items: int, t: float, shared: bool = False):
+        super().__init__(num_negatives, shared)
         alpha = num_negatives / (num_items - 1)
         self.beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
 
@@ -72,18 +90,25 @@ class GBCELoss:
         return (per_position * valid).sum(), valid.sum()
 
 
-class SampledSoftmaxLoss:
-    """Cross-entropy of the positive against itself and k uniform negatives per position (eSASRec).
+class SampledSoftmaxLoss(_Sampled):
+    """Cross-entropy of the positive against itself and k sampled negatives (eSASRec).
 
-    Negatives are uniform over unseen items, so the logQ correction is a constant and is
-    omitted (it matters only for popularity-proportional sampling).
+    With `logq`, negatives are drawn in proportion to item popularity (`sampler`) and
+    every logit, the positive's included, is corrected by -log q(item) (Yi et al., RecSys
+    2019), so the sampled softmax estimates the full one despite the skewed draws. Under
+    uniform draws log q is a constant that cancels, so no correction is applied.
     """
 
-    def __init__(self, num_negatives: int):
-        self.num_negatives = num_negatives
+    def __init__(self, num_negatives: int, shared: bool = False, sampler: ItemSampler | None = None,
+                 logq: bool = False):
+        super().__init__(num_negatives, shared, sampler)
+        self.logq = logq
 
     def __call__(self, model, hidden, batch):
         pos, neg, valid = _positive_negative_scores(model, hidden, batch)
+        if self.logq:
+            pos = pos - self.sampler.log_q(batch["pos"])
+            neg = neg - self.sampler.log_q(batch["neg"] if batch["neg"].dim() != 2 else batch["neg"][..., None])
         logits = torch.cat([pos[..., None], neg], dim=-1)
         per_position = torch.logsumexp(logits, dim=-1) - pos
         return (per_position * valid).sum(), valid.sum()
@@ -127,7 +152,7 @@ class FullCrossEntropyLoss:
     instead of O(positions x |I|): a catalogue of millions of items fits.
     """
 
-    num_negatives = 0
+    num_negatives, shared, sampler = 0, False, None
 
     def __init__(self, chunk_size: int = 8192):
         self.chunk_size = chunk_size
@@ -141,12 +166,14 @@ class FullCrossEntropyLoss:
         return loss, valid.sum()
 
 
-def build_loss(cfg: TrainConfig, num_items: int) -> Loss:
+def build_loss(cfg: TrainConfig, num_items: int, item_counts: torch.Tensor | None = None) -> Loss:
+    """The configured loss; item_counts (training popularity, [num_items + 1]) is needed for logq."""
     k = cfg.num_negatives or DEFAULT_NEGATIVES[cfg.loss]
     if cfg.loss == "bce":
-        return BCELoss(k)
+        return BCELoss(k, cfg.shared_negatives)
     if cfg.loss == "gbce":
-        return GBCELoss(k, num_items, cfg.gbce_t)
+        return GBCELoss(k, num_items, cfg.gbce_t, cfg.shared_negatives)
     if cfg.loss == "sampled_softmax":
-        return SampledSoftmaxLoss(k)
+        sampler = ItemSampler(num_items, item_counts) if cfg.logq else None
+        return SampledSoftmaxLoss(k, cfg.shared_negatives, sampler, cfg.logq)
     return FullCrossEntropyLoss(cfg.ce_chunk_size)

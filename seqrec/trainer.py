@@ -26,6 +26,7 @@ from .evaluate import evaluate, format_metrics
 from .losses import build_loss
 from .models import build_model
 from .models.mhc import composite_gain
+from .monitor import EpochMonitor, describe
 from .schedule import lr_at
 
 # Model fields a resumed run may change without changing the parameters' meaning.
@@ -63,7 +64,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, data.num_items).to(device)
         self.ddp = DistributedDataParallel(self.model) if dist.active() else None
-        self.loss_fn = build_loss(t, data.num_items)
+        # What the training step calls; evaluation and checkpoints use the plain module.
+        self.forward = self.ddp or self.model
+        if t.compile:
+            self.forward = torch.compile(self.forward)
+        self.loss_fn = build_loss(t, data.num_items, data.item_counts)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.98))
         self.steps_per_epoch = math.ceil(data.num_train_users / t.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
@@ -76,7 +81,9 @@ class Trainer:
         self.best = {"metric": -math.inf, "epoch": 0, "evals_since": 0}
         self.bad_steps = 0
         self.train_seconds = 0.0  # wall time spent in training epochs, across resumes
-        self.epoch_loss = 0.0  # this rank's loss shares summed over the current epoch's steps
+        # This rank's loss shares summed over the current epoch's steps, kept on the device
+        # so that the step loop never waits for the device (read at log intervals only).
+        self.epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
         shares = dist.world_size() * t.grad_accum_steps
         if t.batch_size % shares:
             raise TrainingError(f"--batch_size {t.batch_size} must be divisible by world size x grad_accum_steps "
@@ -87,7 +94,7 @@ class Trainer:
         return {"config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best": dict(self.best), "train_seconds": self.train_seconds, "epoch_loss": self.epoch_loss,
+                "best": dict(self.best), "train_seconds": self.train_seconds, "epoch_loss": self.epoch_loss.item(),
                 "rng": dist.all_gather_object(ckpt.rng_state()), "item_ids": self.item_ids}
 
     def load_state_dict(self, state: dict) -> None:
@@ -96,7 +103,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], dict(state["best"])
-        self.train_seconds, self.epoch_loss = state["train_seconds"], state["epoch_loss"]
+        self.train_seconds = state["train_seconds"]
+        self.epoch_loss.fill_(state["epoch_loss"])
         # Each rank continues its own dropout stream; a run resumed at another world size
         # continues rank 0's (identity across world sizes is not promised).
         rng = state["rng"]
@@ -157,16 +165,16 @@ class Trainer:
         t = self.cfg.train
         total = (self.data.train_items[users, 1:] != 0).sum().clamp(min=1)
         scale = dist.world_size() / total
-        model = self.ddp or self.model
         micro_batches = self.rank_rows(users).tensor_split(t.grad_accum_steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         for i, part in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                batch = self.data.train_batch(part, t.seed, epoch, self.loss_fn.num_negatives)
+                batch = self.data.train_batch(part, t.seed, epoch, self.loss_fn.num_negatives, self.loss_fn.sampler,
+                                              self.step if self.loss_fn.shared else None)
                 with self.autocast():
-                    hidden = model(batch)
+                    hidden = self.forward(batch)
                     loss_sum, _ = self.loss_fn(self.model, hidden, batch)
                 part_loss = loss_sum * scale
                 if t.l2_emb > 0 and last:  # once per step and rank; DDP's average keeps it once
@@ -220,22 +228,24 @@ class Trainer:
         self.model.train()
         order = self.data.epoch_order(t.seed, epoch)
         first = self.step - (epoch - 1) * self.steps_per_epoch
-        start = time.perf_counter()
+        meter, samples = EpochMonitor(self.device), 0  # this rank's users, for per-rank samples/s
+        start = meter.start
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False,
                    disable=None if dist.is_main() else True)
         for i in range(first, self.steps_per_epoch):
-            self.epoch_loss += self.train_step(order[i * t.batch_size:(i + 1) * t.batch_size], epoch).item()
+            users = order[i * t.batch_size:(i + 1) * t.batch_size]
+            self.epoch_loss += self.train_step(users, epoch)
+            samples += len(self.rank_rows(users))
             if (i + 1) % t.log_every == 0 or i + 1 == self.steps_per_epoch:
-                bar.set_postfix(loss=f"{self.epoch_loss / (i + 1):.4f}",
+                bar.set_postfix(loss=f"{self.epoch_loss.item() / (i + 1):.4f}",
                                 seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
             bar.update(1)
         bar.close()
-        seconds = time.perf_counter() - start
-        loss = dist.all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64)).item() / dist.world_size()
-        self.epoch_loss = 0.0
+        seconds = meter.elapsed()
+        loss = dist.all_reduce_sum(self.epoch_loss.clone()).item() / dist.world_size()
+        self.epoch_loss.zero_()
         return {"type": "train", "epoch": epoch, "step": self.step, "loss": loss / self.steps_per_epoch,
-                "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
-                "seq_per_s": round((len(order) - first * t.batch_size) / seconds, 1)}
+                "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3), **meter.report(samples, seconds)}
 
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> dict:
@@ -272,7 +282,7 @@ class Trainer:
             if self.epoch % t.eval_every == 0 or self.epoch == t.num_epochs:
                 metrics = self.validate()
                 self._write_metrics({"type": "valid", "epoch": self.epoch, **metrics})
-                log(f"epoch {self.epoch:4d}  loss {row['loss']:.4f}  {row['seconds']:.1f}s  "
+                log(f"epoch {self.epoch:4d}  loss {row['loss']:.4f}  {row['seconds']:.1f}s  {describe(row)}  "
                     f"valid {format_metrics(metrics)}")
                 stop = self._track_best(metrics)
             self.save(ckpt.LATEST)

@@ -1,4 +1,5 @@
-"""Each loss against a direct computation; gBCE(t=0) = BCE; chunked CE = unchunked CE."""
+"""Each loss against a direct computation; gBCE(t=0) = BCE; chunked CE = unchunked CE;
+shared negatives and the logQ correction; popularity sampling."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,8 @@ import torch
 
 from conftest import small_config
 from seqrec.cli import run
+from seqrec.config import ConfigError, validate
+from seqrec.data.sampling import ItemSampler, hash_ints
 from seqrec.losses import BCELoss, FullCrossEntropyLoss, GBCELoss, SampledSoftmaxLoss
 
 
@@ -80,6 +83,80 @@ def test_sampled_softmax_by_hand(model):
     assert torch.allclose(SampledSoftmaxLoss(4)(model, hidden, batch)[0], expected.float(), rtol=1e-5)
 
 
+def shared_batch(k=6):
+    """Per-position batch whose negatives are one shared [k] set; position (1, 0)'s positive is among them."""
+    hidden, batch = make_batch(1)
+    shared = torch.tensor([3, 9, 17, 22, 5, 30][:k])
+    batch["pos"][1, 0] = 17
+    return hidden, {"pos": batch["pos"], "neg": shared}
+
+
+def shared_reference(model, hidden, batch):
+    """(positive score, scores of the shared negatives other than the positive) per valid position."""
+    rows = []
+    for b, l in zip(*torch.nonzero(batch["pos"] != 0, as_tuple=True)):
+        h, p = hidden[b, l], batch["pos"][b, l]
+        rows.append((h @ model.item_emb.weight[p], [h @ model.item_emb.weight[j] for j in batch["neg"] if j != p]))
+    return rows
+
+
+def test_shared_negatives_by_hand(model):
+    hidden, batch = shared_batch()
+    rows = shared_reference(model, hidden, batch)
+    assert sum(len(ns) for _, ns in rows) == 13 * 6 - 1  # the colliding negative is left out
+    sig = torch.sigmoid
+    bce = sum(-torch.log(sig(p)) - sum(torch.log(1 - sig(n)) for n in ns) for p, ns in rows)
+    softmax = sum(torch.logsumexp(torch.stack([p, *ns]), 0) - p for p, ns in rows)
+    assert torch.allclose(BCELoss(6, shared=True)(model, hidden, batch)[0], bce.float(), rtol=1e-5)
+    assert torch.allclose(SampledSoftmaxLoss(6, shared=True)(model, hidden, batch)[0], softmax.float(), rtol=1e-5)
+
+
+def test_logq_correction_by_hand(model):
+    counts = torch.arange(31) % 7
+    counts[0] = 0
+    sampler = ItemSampler(30, counts)
+    q = counts.clamp_min(1).double() / counts.sum()
+    for hidden, batch in [make_batch(4), shared_batch()]:
+        per_position = batch["neg"].dim() == 3
+        expected = 0
+        for b, l in zip(*torch.nonzero(batch["pos"] != 0, as_tuple=True)):
+            h, p = hidden[b, l], batch["pos"][b, l]
+            negs = batch["neg"][b, l] if per_position else [j for j in batch["neg"] if j != p]
+            logits = torch.stack([h @ model.item_emb.weight[j] - q[j].log() for j in [p, *negs]])
+            expected = expected + torch.logsumexp(logits, 0) - logits[0]
+        loss = SampledSoftmaxLoss(batch["neg"].shape[-1], not per_position, sampler, logq=True)
+        assert torch.allclose(loss(model, hidden, batch)[0], expected.float(), rtol=1e-5)
+    # Uniform draws: log q is a constant, the correction cancels.
+    hidden, batch = make_batch(4)
+    uniform = SampledSoftmaxLoss(4, sampler=ItemSampler(30), logq=True)(model, hidden, batch)[0]
+    assert torch.allclose(uniform, SampledSoftmaxLoss(4)(model, hidden, batch)[0])
+
+
+def test_popularity_sampler_follows_the_counts():
+    counts = torch.tensor([0, 5, 0, 1, 10, 4])
+    draws = ItemSampler(5, counts)(hash_ints(7, torch.arange(200_000)))
+    frequency = torch.bincount(draws, minlength=6).double() / len(draws)
+    assert frequency[0] == 0 and frequency[2] == 0  # padding and never-seen items are never drawn
+    assert torch.allclose(frequency, counts.double() / counts.sum(), atol=3e-3)
+
+
+def test_shared_negatives_depend_on_the_step_only(data_file):
+    from seqrec.data import load_sequences
+    from seqrec.data.tensors import SequenceTensors
+    data = SequenceTensors(load_sequences(small_config(data_file, data_file.parent).data), 20, "cpu")
+    users = data.epoch_order(1, 1)
+    first, other = (data.train_batch(u, 1, 1, 16, shared_step=3)["neg"] for u in (users[:8], users[8:12]))
+    assert first.shape == (16,) and torch.equal(first, other)  # every rank and micro-batch of step 3
+    assert not torch.equal(first, data.train_batch(users[:8], 1, 1, 16, shared_step=4)["neg"])
+
+
+def test_shared_negatives_and_logq_validation(data_file, tmp_path):
+    with pytest.raises(ConfigError, match="logq"):
+        validate(small_config(data_file, tmp_path, train__logq=True))  # loss bce
+    with pytest.raises(ConfigError, match="shared_negatives"):
+        validate(small_config(data_file, tmp_path, train__loss="ce", train__shared_negatives=True))
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 30, 1000])
 def test_chunked_cross_entropy_equals_unchunked(model, chunk):
     hidden, batch = make_batch(1)
@@ -99,8 +176,10 @@ def test_chunked_cross_entropy_equals_unchunked(model, chunk):
     assert grad_table[0].abs().sum() == 0
 
 
-@pytest.mark.parametrize("loss", ["gbce", "sampled_softmax", "ce"])
-def test_each_loss_trains(data_file, tmp_path, loss):
+@pytest.mark.parametrize("loss, extra", [("gbce", {}), ("sampled_softmax", {}), ("ce", {}),
+                                         ("sampled_softmax", {"train__shared_negatives": True, "train__logq": True}),
+                                         ("bce", {"train__shared_negatives": True})])
+def test_each_loss_trains(data_file, tmp_path, loss, extra):
     results = run(small_config(data_file, tmp_path / "r", train__loss=loss, train__num_negatives=8 if loss != "ce" else 0,
-                               train__num_epochs=2))
+                               train__num_epochs=2, **extra))
     assert 0 < results["test"]["full/NDCG@10"] < 1

@@ -8,6 +8,8 @@ of vectorised tensor ops on whatever device holds it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
@@ -19,6 +21,7 @@ _MAX_ATTEMPTS = 1000
 STREAM_TRAIN = 1
 STREAM_EVAL = 2
 STREAM_ORDER = 3
+STREAM_SHARED = 4
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -57,16 +60,43 @@ def _saw_everything(history: torch.Tensor, num_items: int, users: torch.Tensor) 
     return count >= num_items
 
 
+class ItemSampler:
+    """Turns hashes into item ids 1..num_items: uniformly, or in proportion to `counts`.
+
+    Popularity draws invert the cumulative counts with one searchsorted, so they are
+    as vectorised and as reproducible as uniform ones. `log_q` is the log-probability
+    of drawing each item, which the logQ correction subtracts from sampled logits.
+    """
+
+    def __init__(self, num_items: int, counts: torch.Tensor | None = None):
+        self.num_items = num_items
+        self.cumulative = None if counts is None else counts.cumsum(0)  # counts[0] (padding) is 0
+        if counts is None:
+            self.log_q_table = torch.full((num_items + 1,), -math.log(num_items))
+        else:  # clamped so that padding and never-seen items get a finite value; they are never drawn
+            self.log_q_table = (counts.clamp_min(1).double() / counts.sum()).log().float()
+
+    def __call__(self, hashes: torch.Tensor) -> torch.Tensor:
+        if self.cumulative is None:
+            return 1 + hashes % self.num_items
+        return torch.searchsorted(self.cumulative, hashes % self.cumulative[-1], right=True)
+
+    def log_q(self, items: torch.Tensor) -> torch.Tensor:
+        return self.log_q_table.to(items.device)[items]
+
+
 def draw_negatives(history: torch.Tensor, num_items: int, users: torch.Tensor, slots: torch.Tensor,
-                   seed: int, stream: int, epoch: int = 0) -> torch.Tensor:
+                   seed: int, stream: int, epoch: int = 0, sampler: ItemSampler | None = None) -> torch.Tensor:
     """Items in 1..num_items outside each user's history, one per (user, slot).
 
     users and slots broadcast to the output shape. Rejected draws are redrawn with the
     next attempt counter until none collides (sampling with replacement across slots,
-    as the papers do). A user who has seen every item gets uniform draws.
+    as the papers do). A user who has seen every item gets unrestricted draws. `sampler`
+    (default: uniform) sets the distribution the draws follow before the exclusion.
     """
+    sampler = sampler or ItemSampler(num_items)
     users, slots = torch.broadcast_tensors(users, slots)
-    out = 1 + hash_ints(seed, stream, epoch, users, slots, 0) % num_items
+    out = sampler(hash_ints(seed, stream, epoch, users, slots, 0))
     bad = seen(history, num_items, users, out) & ~_saw_everything(history, num_items, users)
     attempt = 0
     while bool(bad.any()):
@@ -74,7 +104,7 @@ def draw_negatives(history: torch.Tensor, num_items: int, users: torch.Tensor, s
         if attempt > _MAX_ATTEMPTS:
             worst = users[bad][0].item()
             raise RuntimeError(f"user index {worst} has seen (almost) every item; cannot draw negatives")
-        redraw = 1 + hash_ints(seed, stream, epoch, users[bad], slots[bad], attempt) % num_items
+        redraw = sampler(hash_ints(seed, stream, epoch, users[bad], slots[bad], attempt))
         out[bad] = redraw
         bad[bad.clone()] = seen(history, num_items, users[bad], redraw)
     return out

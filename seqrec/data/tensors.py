@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sampling import STREAM_EVAL, STREAM_ORDER, STREAM_TRAIN, draw_negatives, hash_ints
+from .sampling import STREAM_EVAL, STREAM_ORDER, STREAM_SHARED, STREAM_TRAIN, ItemSampler, draw_negatives, hash_ints
 from .sequences import Sequences
 
 Batch = dict[str, torch.Tensor]
@@ -62,12 +62,14 @@ class SequenceTensors:
                                           minlength=self.num_items + 1)
         full_history = as_t(seqs.history_keys(seqs.lengths))
         users = np.flatnonzero(seqs.lengths >= 3)
+        inputs = {"valid": (train_len, self.train_history),  # validation input = the training part
+                  "test": (train_len + 1, as_t(seqs.history_keys(train_len + 1)))}
         self.splits = {
-            name: self._eval_split(seqs, users, input_len, full_history, eval_negatives, eval_seed, as_t)
-            for name, input_len in (("valid", train_len), ("test", train_len + 1))
+            name: self._eval_split(seqs, users, input_len, history, full_history, eval_negatives, eval_seed, as_t)
+            for name, (input_len, history) in inputs.items()
         }
 
-    def _eval_split(self, seqs, users, input_len, full_history, num_neg, seed, as_t) -> EvalSplit:
+    def _eval_split(self, seqs, users, input_len, history, full_history, num_neg, seed, as_t) -> EvalSplit:
         end = (seqs.offsets[:-1] + input_len)[users]
         items, times = seqs.window(users, end, self.maxlen)
         users_t = as_t(users)
@@ -75,7 +77,7 @@ class SequenceTensors:
                                    torch.arange(num_neg, device=users_t.device)[None, :], seed, STREAM_EVAL)
         return EvalSplit(users=users_t, items=as_t(items), times=as_t(times),
                          targets=as_t(seqs.items[end]), negatives=negatives,
-                         history=as_t(seqs.history_keys(input_len)))
+                         history=history)
 
     @property
     def num_train_users(self) -> int:
@@ -86,15 +88,26 @@ class SequenceTensors:
         keys = hash_ints(seed, STREAM_ORDER, epoch, self.train_users)
         return self.train_users[torch.argsort(keys)]
 
-    def train_batch(self, users: torch.Tensor, seed: int, epoch: int, num_negatives: int = 1) -> Batch:
-        """Inputs, positives and negatives ([B, L] for k = 1, [B, L, k], none for k = 0) for a batch of users."""
+    def train_batch(self, users: torch.Tensor, seed: int, epoch: int, num_negatives: int = 1,
+                    sampler: ItemSampler | None = None, shared_step: int | None = None) -> Batch:
+        """Inputs, positives and negatives for a batch of users.
+
+        Negatives are [B, L] for k = 1, [B, L, k] for k > 1, none for k = 0, each outside the
+        user's training history; with `shared_step` they are one [k] set keyed by (seed,
+        epoch, step) alone, so every rank and micro-batch of that step gets the same set,
+        and may hit a position's positive (the loss masks those).
+        """
         window = self.train_items[users]
         pos = window[:, 1:]
         batch = {"items": window[:, :-1], "pos": pos}
-        if num_negatives:  # a full-softmax loss needs none
+        if num_negatives and shared_step is not None:
+            slots = torch.arange(num_negatives, device=users.device)
+            sampler = sampler or ItemSampler(self.num_items)
+            batch["neg"] = sampler(hash_ints(seed, STREAM_SHARED, epoch, shared_step, slots))
+        elif num_negatives:  # a full-softmax loss needs none
             slots = torch.arange(self.maxlen * num_negatives, device=users.device).view(1, self.maxlen, num_negatives)
             neg = draw_negatives(self.train_history, self.num_items, users[:, None, None], slots,
-                                 seed, STREAM_TRAIN, epoch)
+                                 seed, STREAM_TRAIN, epoch, sampler)
             neg = neg.masked_fill_((pos == 0)[..., None], 0)
             batch["neg"] = neg if num_negatives > 1 else neg[..., 0]
         if self.train_times is not None:
