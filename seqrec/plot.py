@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,11 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def label(run_dir: Path) -> str:
+    """The run directory's name; ROW/seedS for launch/ablation.py's layout, where names repeat."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if re.fullmatch(r"seed\d+", run_dir.name) else run_dir.name
+
+
 def plot(run_dirs: list[Path], out: Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -30,11 +36,11 @@ def plot(run_dirs: list[Path], out: Path, metrics: tuple[str, ...] = DEFAULT_MET
         rows = read_rows(run_dir)
         train = [r for r in rows if r["type"] == "train"]
         valid = [r for r in rows if r["type"] == "valid"]
-        axes[0, 0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label=run_dir.name)
+        axes[0, 0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label=label(run_dir))
         for ax, metric in zip(axes[0, 1:], metrics):
             points = [(r["epoch"], r[metric]) for r in valid if metric in r]
             if points:
-                ax.plot(*zip(*points), marker="o", label=run_dir.name)
+                ax.plot(*zip(*points), marker="o", label=label(run_dir))
     axes[0, 0].set_title("training loss")
     for ax, metric in zip(axes[0, 1:], metrics):
         ax.set_title(f"validation {metric}")

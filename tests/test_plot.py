@@ -25,3 +25,11 @@ def test_plot_names_a_missing_run(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main([str(tmp_path / "nope")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_labels_tell_ablation_seeds_apart():
+    from pathlib import Path
+
+    from seqrec.plot import label
+    assert label(Path("runs/sasrec_h2")) == "sasrec_h2"
+    assert label(Path("runs/ablation/sasrec-post-ce/seed42")) == "sasrec-post-ce/seed42"
