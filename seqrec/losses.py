@@ -33,20 +33,21 @@ class Loss(Protocol):
         ...
 
 
-def _positive_negative_scores(model, hidden, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores of the positive [B, L] and the negatives [B, L, k], and the valid-position mask.
+def _positive_negative_scores(model, hidden, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores of the positive [B, L] and the negatives [B, L, k], the valid-position mask, and
+    the negative ids ([B, L, k], or [k] when shared) the scores belong to.
 
     A shared negative equal to the position's positive scores -inf: it then adds nothing
     to any of the losses below (softplus(-inf) = 0, exp(-inf) = 0) and gets no gradient.
     """
-    neg = batch["neg"]
+    neg = batch["neg"] if batch["neg"].dim() != 2 else batch["neg"][..., None]
     pos = model.score(hidden, batch["pos"]).float()
     if neg.dim() == 1:
         negs = (hidden @ model.item_emb(neg).t()).float()
         negs = negs.masked_fill(neg == batch["pos"][..., None], -math.inf)
     else:
-        negs = model.score(hidden[..., None, :], neg if neg.dim() == 3 else neg[..., None]).float()
-    return pos, negs, batch["pos"] != 0
+        negs = model.score(hidden[..., None, :], neg).float()
+    return pos, negs, batch["pos"] != 0, neg
 
 
 class _Sampled:
@@ -61,7 +62,7 @@ class BCELoss(_Sampled):
     """Binary cross-entropy: the positive against each of k sampled negatives (SASRec: k = 1)."""
 
     def __call__(self, model, hidden, batch):
-        pos, neg, valid = _positive_negative_scores(model, hidden, batch)
+        pos, neg, valid, _ = _positive_negative_scores(model, hidden, batch)
         per_position = F.softplus(-pos) + F.softplus(neg).sum(-1)  # = BCE(pos, 1) + sum BCE(neg, 0)
         return (per_position * valid).sum(), valid.sum()
 
@@ -83,7 +84,7 @@ class GBCELoss(_Sampled):
         self.beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
 
     def __call__(self, model, hidden, batch):
-        pos, neg, valid = _positive_negative_scores(model, hidden, batch)
+        pos, neg, valid, _ = _positive_negative_scores(model, hidden, batch)
         pos64 = pos.double().clamp(-40, 40)
         gamma = -torch.log(torch.expm1(-self.beta * F.logsigmoid(pos64)).clamp_min(1e-300))
         per_position = F.softplus(-gamma).float() + F.softplus(neg).sum(-1)
@@ -105,10 +106,10 @@ class SampledSoftmaxLoss(_Sampled):
         self.logq = logq
 
     def __call__(self, model, hidden, batch):
-        pos, neg, valid = _positive_negative_scores(model, hidden, batch)
+        pos, neg, valid, neg_items = _positive_negative_scores(model, hidden, batch)
         if self.logq:
             pos = pos - self.sampler.log_q(batch["pos"])
-            neg = neg - self.sampler.log_q(batch["neg"] if batch["neg"].dim() != 2 else batch["neg"][..., None])
+            neg = neg - self.sampler.log_q(neg_items)
         logits = torch.cat([pos[..., None], neg], dim=-1)
         per_position = torch.logsumexp(logits, dim=-1) - pos
         return (per_position * valid).sum(), valid.sum()

@@ -71,10 +71,8 @@ class ItemSampler:
     def __init__(self, num_items: int, counts: torch.Tensor | None = None):
         self.num_items = num_items
         self.cumulative = None if counts is None else counts.cumsum(0)  # counts[0] (padding) is 0
-        if counts is None:
-            self.log_q_table = torch.full((num_items + 1,), -math.log(num_items))
-        else:  # clamped so that padding and never-seen items get a finite value; they are never drawn
-            self.log_q_table = (counts.clamp_min(1).double() / counts.sum()).log().float()
+        # Clamped so that padding and never-seen items get a finite value; they are never drawn.
+        self.log_q_table = None if counts is None else (counts.clamp_min(1).double() / counts.sum()).log().float()
 
     def __call__(self, hashes: torch.Tensor) -> torch.Tensor:
         if self.cumulative is None:
@@ -82,6 +80,8 @@ class ItemSampler:
         return torch.searchsorted(self.cumulative, hashes % self.cumulative[-1], right=True)
 
     def log_q(self, items: torch.Tensor) -> torch.Tensor:
+        if self.log_q_table is None:
+            return torch.full(items.shape, -math.log(self.num_items), device=items.device)
         return self.log_q_table.to(items.device)[items]
 
 
