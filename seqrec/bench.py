@@ -71,6 +71,15 @@ def peak_rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def run_worker(module: str, spec: dict) -> dict:
+    """`python -m MODULE --worker SPEC` in a fresh process (honest peak RSS); its last stdout line
+    is the JSON result. A failed worker raises RuntimeError with its last stderr line."""
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -177,12 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             time_, mhc = VARIANTS[variant]
             spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "device": args.device,
                     "amp": args.amp, "batch_size": args.batch_size, "steps": steps}
-            proc = subprocess.run([sys.executable, "-m", "seqrec.bench", "--worker", json.dumps(spec)],
-                                  capture_output=True, text=True)
-            if proc.returncode == 0:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            else:
-                rows.append({**spec, "error": proc.stderr.strip().splitlines()[-1][:120]})
+            try:
+                rows.append(run_worker("seqrec.bench", spec))
+            except RuntimeError as err:
+                rows.append({**spec, "error": str(err)[:120]})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import SIZES, peak_rss_gb
+from .bench import SIZES, peak_rss_gb, run_worker
 
 ML20M = {"users": 138_493, "items": 26_744, "interactions": 20_000_263}
 MIN_COUNT = 5  # the k of the k-core filter (SASRec's preprocessing)
@@ -145,14 +144,6 @@ def run_epoch(spec: dict) -> dict:
             "batch_build_epoch_s": build_s, "s_per_step": step_s, "epoch_est_s": step_s * len(batches)}
 
 
-def _subprocess(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "seqrec.bench_scale", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def report(result: dict) -> str:
     f = result["file"]
     lines = [f"Synthetic ratings.csv: {f['users']:,} users, {f['items']:,} items, {f['interactions']:,} "
@@ -197,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                   "device": args.device, "file": write_ratings(path, args.users), "pipeline": [], "epoch": []}
         print(f"wrote {path}: {result['file']}", flush=True)
         for stage in STAGES:
-            result["pipeline"].append(_subprocess({"stage": stage, "path": str(path), "maxlen": maxlen,
-                                                   "device": args.device}))
+            spec = {"stage": stage, "path": str(path), "maxlen": maxlen, "device": args.device}
+            result["pipeline"].append(run_worker("seqrec.bench_scale", spec))
             print(result["pipeline"][-1], flush=True)
     for fraction in map(float, args.fractions.split(",")):
-        result["epoch"].append(_subprocess({"users": round(fraction * args.users), "all_users": args.users, "seed": 0, "size": args.size,
-                                            "batch_size": args.batch_size, "steps": args.steps,
-                                            "device": args.device}))
+        spec = {"users": round(fraction * args.users), "all_users": args.users, "seed": 0, "size": args.size,
+                "batch_size": args.batch_size, "steps": args.steps, "device": args.device}
+        result["epoch"].append(run_worker("seqrec.bench_scale", spec))
         print(result["epoch"][-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
