@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import TrainConfig
+
 SIZES = {
     "seed": {"hidden_units": 50, "num_blocks": 2, "num_heads": 2, "maxlen": 200},
     "ref-h1": {"hidden_units": 50, "num_blocks": 2, "num_heads": 1, "maxlen": 200},
@@ -104,6 +106,7 @@ def run_case(spec: dict) -> dict:
     for key, value in {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"]}.items():
         setattr(cfg.model, key, value)
     cfg.train.batch_size, cfg.train.amp = spec["batch_size"], spec["amp"]
+    cfg.train.length_buckets = spec["length_buckets"]
     base_rss = peak_rss_gb()
     data = SequenceTensors(synthetic_sequences(), cfg.model.maxlen, device)
     trainer = Trainer(cfg, data, device, Path(tempfile.mkdtemp()), [])
@@ -132,33 +135,44 @@ def run_case(spec: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown rows; 'x SASRec' is the step-time ratio to SASRec of the same size in this run."""
-    head = ("| variant | size | B | s/step | x SASRec | seq/s | s/epoch | batch build | peak mem GB "
+    """Markdown rows; 'x SASRec' is the step-time ratio to SASRec of the same size and
+    length buckets in this run."""
+    head = ("| variant | size | B | buckets | s/step | x SASRec | seq/s | s/epoch | batch build | peak mem GB "
             "| sampled eval s | full eval s |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
-    base = {r["size"]: r["s_per_step"] for r in rows if r["variant"] == "sasrec" and "error" not in r}
+    base = {_group(r): r["s_per_step"] for r in rows if r["variant"] == "sasrec" and "error" not in r}
     for r in rows:
+        first = f"| {r['variant']} | {r['size']} | {r['batch_size']} | {r['length_buckets']}"
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['size']} | {r['batch_size']} | {r['error']} |")
+            lines.append(f"{first} | {r['error']} |")
             continue
-        ratio = f"{r['s_per_step'] / base[r['size']]:.2f}" if r["size"] in base else "-"
-        lines.append(f"| {r['variant']} | {r['size']} | {r['batch_size']} | {r['s_per_step']:.4f} | {ratio} "
+        ratio = f"{r['s_per_step'] / base[_group(r)]:.2f}" if _group(r) in base else "-"
+        lines.append(f"{first} | {r['s_per_step']:.4f} | {ratio} "
                      f"| {r['seq_per_s']:.0f} "
                      f"| {r['s_per_epoch']:.2f} | {r['batch_share']:.1%} | {r['peak_mem_gb']:.2f} "
                      f"| {r['eval_sampled_s']:.2f} | {r['eval_full_s']:.2f} |")
     return "\n".join(lines)
 
 
+def _group(row: dict) -> tuple[str, int]:
+    return row["size"], row["length_buckets"]
+
+
 def ratios(rows: list[dict]) -> str:
-    """Same-run ratios: efficient vs literal TiSASRec, and mHC on vs off, per size."""
-    by = {(r["variant"], r["size"]): r for r in rows if "error" not in r}
+    """Same-run ratios: efficient vs literal TiSASRec and mHC on vs off (per size and
+    bucketing), and each variant's step without length buckets vs with them."""
+    by = {(r["variant"], *_group(r)): r for r in rows if "error" not in r}
     pairs = [("tisasrec-literal", "tisasrec"), ("sasrec+mhc", "sasrec"), ("tisasrec+mhc", "tisasrec")]
     lines = []
-    for (a, b), size in ((pair, size) for pair in pairs for size in SIZES):
-        if (a, size) in by and (b, size) in by:
-            ra, rb = by[(a, size)], by[(b, size)]
-            lines.append(f"- {size}: {a} / {b} = {ra['s_per_step'] / rb['s_per_step']:.2f}x step time, "
-                         f"{ra['peak_mem_gb'] / max(rb['peak_mem_gb'], 1e-9):.2f}x peak memory")
+    for (variant, size, buckets), r in by.items():
+        for a, b in pairs:
+            if variant == a and (b, size, buckets) in by:
+                rb = by[(b, size, buckets)]
+                lines.append(f"- {size}, buckets {buckets}: {a} / {b} = {r['s_per_step'] / rb['s_per_step']:.2f}x "
+                             f"step time, {r['peak_mem_gb'] / max(rb['peak_mem_gb'], 1e-9):.2f}x peak memory")
+        if buckets > 1 and (variant, size, 1) in by:
+            lines.append(f"- {size}: {variant} step, buckets 1 / buckets {buckets} = "
+                         f"{by[(variant, size, 1)]['s_per_step'] / r['s_per_step']:.2f}x")
     return "\n".join(lines)
 
 
@@ -171,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="off", help="off|bf16|fp16|auto")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--length_buckets", default=str(TrainConfig.length_buckets),
+                        help="comma list of --length_buckets values to measure (1 = no length bucketing)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
     parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -181,16 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes.split(",") if args.sizes else (["seed"] if args.quick else list(SIZES))
     steps = args.steps or (6 if args.quick else 15)
     rows = []
-    for size in sizes:
-        for variant in args.variants.split(","):
-            time_, mhc = VARIANTS[variant]
-            spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "device": args.device,
-                    "amp": args.amp, "batch_size": args.batch_size, "steps": steps}
-            try:
-                rows.append(run_worker("seqrec.bench", spec))
-            except RuntimeError as err:
-                rows.append({**spec, "error": str(err)[:120]})
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    cases = [(size, variant, int(buckets)) for size in sizes for variant in args.variants.split(",")
+             for buckets in args.length_buckets.split(",")]
+    for size, variant, buckets in cases:
+        time_, mhc = VARIANTS[variant]
+        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "device": args.device,
+                "amp": args.amp, "batch_size": args.batch_size, "steps": steps, "length_buckets": buckets}
+        try:
+            rows.append(run_worker("seqrec.bench", spec))
+        except RuntimeError as err:
+            rows.append({**spec, "error": str(err)[:120]})
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

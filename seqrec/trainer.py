@@ -156,23 +156,24 @@ class Trainer:
     def train_step(self, users: torch.Tensor, epoch: int) -> torch.Tensor:
         """One optimizer step on a global batch of users; returns this rank's (detached) loss share.
 
-        This rank takes its contiguous share of the batch, in grad_accum_steps micro-batches.
-        The loss is normalised by the valid positions of the whole global batch, which every
-        rank can count from the data without communicating; DDP averages gradients over
-        ranks, so each share is scaled by the world size. The result is the gradient of the
-        one-process loss, whatever the world size or accumulation.
+        This rank takes its contiguous share of the batch, in micro-batches (see
+        `micro_batches`). The loss is normalised by the valid positions of the whole global
+        batch, which every rank can count from the data without communicating; DDP averages
+        gradients over ranks, so each share is scaled by the world size. The result is the
+        gradient of the one-process loss, whatever the world size, accumulation or bucketing.
         """
         t = self.cfg.train
-        total = (self.data.train_items[users, 1:] != 0).sum().clamp(min=1)
-        scale = dist.world_size() / total
-        micro_batches = self.rank_rows(users).tensor_split(t.grad_accum_steps)
+        users = users.cpu()
+        scale = dist.world_size() / max(int(self.data.train_positions[users].sum()), 1)
+        parts = self.micro_batches(self.rank_rows(users))
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
-        for i, part in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
+        for i, (part, width) in enumerate(parts):
+            last = i == len(parts) - 1
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                batch = self.data.train_batch(part, t.seed, epoch, self.loss_fn.num_negatives, self.loss_fn.sampler,
-                                              self.step if self.loss_fn.shared else None)
+                batch = self.data.train_batch(part.to(self.device, non_blocking=True), t.seed, epoch,
+                                              self.loss_fn.num_negatives, self.loss_fn.sampler,
+                                              self.step if self.loss_fn.shared else None, width)
                 with self.autocast():
                     hidden = self.forward(batch)
                     loss_sum, _ = self.loss_fn(self.model, hidden, batch)
@@ -216,6 +217,30 @@ class Trainer:
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise TrainingError(f"{self.bad_steps} consecutive non-finite steps (last at step {self.step}); "
                                 f"stopping. Lower --lr or check the data; the last good checkpoint is kept")
+
+    def micro_batches(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """This rank's rows as (users, width) micro-batches: grad_accum_steps x length_buckets
+        groups of similar history length, each to be cut to its longest history.
+
+        Training windows are left-padded to maxlen, and a random batch of ML-1M users is about
+        half padding (median history ≈ 100 of 200). Sorted by length and split, each group
+        drops the columns that are padding for all its members, so token-wise work shrinks
+        with the padding and attention with its square. The loss is a sum over positions,
+        so the step's gradient is the same however the rows are grouped; only the order in
+        which dropout masks are drawn changes. Planned on the host from lengths known at
+        load time: no device read.
+        """
+        t = self.cfg.train
+        lengths = self.data.train_positions[rows]
+        if t.length_buckets > 1:
+            order = torch.argsort(lengths, stable=True)
+            rows, lengths = rows[order], lengths[order]
+        count = t.grad_accum_steps * t.length_buckets
+        parts = [(part, int(lens.max())) for part, lens in zip(rows.tensor_split(count), lengths.tensor_split(count))
+                 if len(part)]
+        # A rank without rows (the last, short global batch) still runs one empty micro-batch:
+        # its backward is what joins DDP's gradient all-reduce.
+        return parts or [(rows, 1)]
 
     def rank_rows(self, users: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous share of a global batch (ranks' shares concatenate to the batch)."""

@@ -8,11 +8,15 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.SIZES, "tiny", {"hidden_units": 8, "num_blocks": 1, "num_heads": 1, "maxlen": 12})
     monkeypatch.setattr(bench, "synthetic_sequences", lambda: bench_small())
     spec = {"variant": "tisasrec-literal", "size": "tiny", "time": True, "mhc": False, "device": "cpu",
-            "amp": "off", "batch_size": 8, "steps": 3}
+            "amp": "off", "batch_size": 8, "steps": 3, "length_buckets": 2}
     row = bench.run_case(spec)
     assert row["s_per_step"] > 0 and row["peak_mem_gb"] >= 0
-    rows = [row, {**row, "variant": "tisasrec", "s_per_step": row["s_per_step"] / 4}]
-    assert "tisasrec-literal / tisasrec = 4.00x step time" in bench.ratios(rows)
+    rows = [row, {**row, "variant": "tisasrec", "s_per_step": row["s_per_step"] / 4},
+            {**row, "variant": "tisasrec", "length_buckets": 1, "s_per_step": row["s_per_step"] / 2}]
+    report = bench.ratios(rows)
+    assert "tiny, buckets 2: tisasrec-literal / tisasrec = 4.00x step time" in report
+    assert "tiny: tisasrec step, buckets 1 / buckets 2 = 2.00x" in report
+    assert "| tisasrec | tiny | 8 | 1 |" in bench.table(rows)
     assert json.dumps(rows)
 
 

@@ -78,8 +78,10 @@ def test_training_batch_shapes_and_negatives(data_file):
     users = data.train_users[:8]
     batch = data.train_batch(users, seed=1, epoch=3)
     assert batch["items"].shape == batch["pos"].shape == batch["neg"].shape == batch["times"].shape == (8, 20)
-    assert torch.equal(batch["items"][:, 1:], batch["pos"][:, :-1])
     valid = batch["pos"] != 0
+    assert torch.equal(valid, batch["items"] != 0)  # a target for every input item, none for padding
+    inner = valid[:, :-1]
+    assert torch.equal(batch["items"][:, 1:][inner], batch["pos"][:, :-1][inner])  # next item
     assert torch.equal(batch["neg"] != 0, valid)
     assert not seen(data.train_history, data.num_items, users[:, None].expand(-1, 20)[valid], batch["neg"][valid]).any()
     # negatives are a function of (seed, epoch, user): independent of batch composition
@@ -88,6 +90,19 @@ def test_training_batch_shapes_and_negatives(data_file):
     assert not torch.equal(data.train_batch(users, seed=1, epoch=4)["neg"], batch["neg"])
     k = data.train_batch(users, seed=1, epoch=3, num_negatives=4)["neg"]
     assert k.shape == (8, 20, 4)
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3])
+def test_cut_training_batch_is_the_right_end_of_the_full_one(data_file, num_negatives):
+    seqs = build_sequences(read_interactions(str(data_file)))
+    data = SequenceTensors(seqs, maxlen=20, device="cpu", eval_negatives=5)
+    users = data.train_users[data.train_positions[data.train_users] <= 9][:6]
+    assert len(users) == 6
+    full = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives)
+    cut = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives, width=9)
+    assert not (full["items"][:, :-9] != 0).any()  # only padding is dropped
+    for key in full:
+        assert torch.equal(cut[key], full[key][:, -9:]), key
 
 
 def test_epoch_order_is_a_seeded_permutation(data_file):

@@ -29,7 +29,8 @@ def test_causality_future_items_do_not_change_the_past(norm_first):
     changed = items.clone()
     changed[:, t + 1:] = torch.randint(1, 31, changed[:, t + 1:].shape)
     out = model({"items": changed})
-    assert torch.allclose(base[:, :t + 1], out[:, :t + 1], atol=1e-6)
+    past = (items != 0)[:, :t + 1]  # real positions up to t (padded outputs are unused and unconstrained)
+    assert torch.allclose(base[:, :t + 1][past], out[:, :t + 1][past], atol=1e-6)
     assert not torch.allclose(base[:, t + 1:], out[:, t + 1:])
 
 
@@ -41,16 +42,33 @@ def test_real_positions_never_attend_to_padding(norm_first):
     items = left_padded([12, 7, 3])
     real = items != 0
     base = model({"items": items})
+    # SASRec's layers see each row rotated so that its items come first (SASRec.forward).
+    inside = torch.arange(items.shape[1]) < real.sum(1, keepdim=True)
 
     def scramble(module, args):
         x, ctx = args
-        return x.masked_scatter(~real[..., None].expand_as(x), torch.randn_like(x)[~real]), ctx
+        return x.masked_scatter(~inside[..., None].expand_as(x), torch.randn_like(x)[~inside]), ctx
 
     handles = [layer.register_forward_pre_hook(scramble) for layer in model.layers]
     out = model({"items": items})
     for h in handles:
         h.remove()
     assert torch.allclose(base[real], out[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("mhc", [False, True])
+def test_rotated_rows_match_left_padded_masked_attention(norm_first, mhc):
+    """SASRec.forward rotates rows and uses plain causal attention; the reference is the
+    left-padded input through the same layers with the explicit causal key-padding mask.
+    Real positions must agree (float32 rounding only), for full and cut widths."""
+    model = make_model(norm_first, mhc=mhc)
+    items = left_padded([9, 7, 5, 1])
+    real = items != 0
+    reference = model.encode(model.embed(items), {"mask": attention_mask(items)})
+    torch.testing.assert_close(model({"items": items})[real], reference[real], rtol=0, atol=1e-5)
+    cut = items[:, -9:]  # the first 3 columns are padding in every row
+    torch.testing.assert_close(model({"items": cut})[cut != 0], reference[:, -9:][cut != 0], rtol=0, atol=1e-5)
 
 
 def test_attention_mask_rows():

@@ -1,7 +1,8 @@
 """Padded tensors built once, on the training device, and sliced into batches.
 
 Training input for user u is the left-padded window of its training items
-(the last maxlen + 1), shifted by one: input = window[:-1], positives = window[1:].
+(the last maxlen + 1), shifted by one: input = window[:-1], positives = window[1:]
+where the input is an item (a padded input has no target, as in the SASRec port).
 Validation input is the training part and its target the second-last item; test
 input is the training part plus the validation item and its target the last item,
 so no input ever contains its own target.
@@ -57,6 +58,9 @@ class SequenceTensors:
         items, times = seqs.window(np.arange(self.num_users), starts + train_len, maxlen + 1)
         self.train_items, self.train_times = as_t(items), as_t(times)
         self.train_users = as_t(np.flatnonzero(train_len >= 2))
+        # Valid training positions per user, kept on the host: the trainer plans its
+        # micro-batches from them without reading the device.
+        self.train_positions = torch.as_tensor(np.clip(train_len - 1, 0, maxlen))
         self.train_history = as_t(seqs.history_keys(train_len))
         self.item_counts = torch.bincount(as_t(seqs.items[seqs.prefix_mask(train_len)]),
                                           minlength=self.num_items + 1)
@@ -89,27 +93,34 @@ class SequenceTensors:
         return self.train_users[torch.argsort(keys)]
 
     def train_batch(self, users: torch.Tensor, seed: int, epoch: int, num_negatives: int = 1,
-                    sampler: ItemSampler | None = None, shared_step: int | None = None) -> Batch:
+                    sampler: ItemSampler | None = None, shared_step: int | None = None,
+                    width: int | None = None) -> Batch:
         """Inputs, positives and negatives for a batch of users.
 
         Negatives are [B, L] for k = 1, [B, L, k] for k > 1, none for k = 0, each outside the
         user's training history; with `shared_step` they are one [k] set keyed by (seed,
         epoch, step) alone, so every rank and micro-batch of that step gets the same set,
-        and may hit a position's positive (the loss masks those).
+        and may hit a position's positive (the loss masks those). `width` keeps only the
+        last `width` positions (the right end of the left-padded window, where a batch of
+        short histories has all its items); every kept entry, negatives included, is the
+        one the full-width batch has in that column.
         """
-        window = self.train_items[users]
-        pos = window[:, 1:]
-        batch = {"items": window[:, :-1], "pos": pos}
+        width = self.maxlen if width is None else width
+        window = self.train_items[users, self.maxlen - width:]
+        items = window[:, :-1]
+        pos = window[:, 1:].masked_fill(items == 0, 0)  # a padded input has no target (as in the SASRec port)
+        batch = {"items": items, "pos": pos}
         if num_negatives and shared_step is not None:
             slots = torch.arange(num_negatives, device=users.device)
             sampler = sampler or ItemSampler(self.num_items)
             batch["neg"] = sampler(hash_ints(seed, STREAM_SHARED, epoch, shared_step, slots))
         elif num_negatives:  # a full-softmax loss needs none
-            slots = torch.arange(self.maxlen * num_negatives, device=users.device).view(1, self.maxlen, num_negatives)
+            slots = torch.arange((self.maxlen - width) * num_negatives, self.maxlen * num_negatives,
+                                 device=users.device).view(1, width, num_negatives)
             neg = draw_negatives(self.train_history, self.num_items, users[:, None, None], slots,
                                  seed, STREAM_TRAIN, epoch, sampler)
             neg = neg.masked_fill_((pos == 0)[..., None], 0)
             batch["neg"] = neg if num_negatives > 1 else neg[..., 0]
         if self.train_times is not None:
-            batch["times"] = self.train_times[users, :-1]
+            batch["times"] = self.train_times[users, self.maxlen - width:-1]
         return batch

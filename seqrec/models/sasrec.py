@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import CausalSelfAttention, attention_mask
+from .attention import CausalSelfAttention
 from .dropout import Dropout
 
 
@@ -103,28 +103,47 @@ class SASRec(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
-    def context(self, batch: dict) -> dict:
-        """Per-batch tensors every attention layer shares (computed once per forward)."""
-        return {"mask": attention_mask(batch["items"])}
-
-    def embed(self, items: torch.Tensor) -> torch.Tensor:
+    def embed(self, items: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Item embedding x sqrt(d) plus positions counted so the last slot is always maxlen.
 
         Inputs narrower than maxlen are read as the right end of the left-padded window
-        (evaluation drops all-padding columns), so they get the same positions as in full width.
+        (evaluation drops all-padding columns), so they get the same positions as in full
+        width. `columns` [B, W] gives each slot's column in the left-padded input when the
+        items have been reordered (see `forward`); by default slot j is column j.
         """
         valid = items != 0
         maxlen = self.pos_emb.num_embeddings - 1
-        positions = torch.arange(maxlen - items.shape[1] + 1, maxlen + 1, device=items.device) * valid
-        x = self.item_emb(items) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
+        first = maxlen - items.shape[1] + 1
+        columns = torch.arange(items.shape[1], device=items.device) if columns is None else columns
+        x = self.item_emb(items) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb((columns + first) * valid)
         return self.emb_dropout(x) * valid[..., None]
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        ctx = self.context(batch)
-        x = self.stream.expand(self.embed(batch["items"]))
+    def encode(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Embedded inputs [B, L, d] -> hidden states [B, L, d] through the blocks and final norm."""
+        x = self.stream.expand(x)
         for layer in self.layers:
             x = layer(x, ctx)
         return self.final_norm(self.stream.collapse(x))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Hidden states aligned with batch["items"] (left-padded).
+
+        Each row is rotated so that its items come first and its padding last: then plain
+        causal attention never lets a real query see padding, and SDPA's fused kernel runs
+        with `is_causal` (it skips the blocks above the diagonal) instead of reading a
+        [B, L, L] mask. Positions follow the items' original columns and every other
+        operation is per token, so the outputs at real positions are exactly those of the
+        left-padded, key-masked computation (tests/test_model.py); padded positions, unused
+        by every loss and metric, differ.
+        """
+        items = batch["items"]
+        width = items.shape[1]
+        slots = torch.arange(width, device=items.device)
+        padding = (items == 0).sum(1, keepdim=True)
+        columns = (slots + padding) % width  # slot -> column: the items, then the padding
+        hidden = self.encode(self.embed(items.gather(1, columns), columns), {"mask": None})
+        back = (slots - padding) % width  # column -> slot
+        return hidden.gather(1, back[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Dot products of hidden [..., d] with items [...] (broadcasting; pass hidden[..., None, :]

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import CausalSelfAttention
+from .attention import CausalSelfAttention, attention_mask
 from .dropout import Dropout
 from .intervals import time_intervals
 from .sasrec import SASRec
@@ -101,10 +101,15 @@ class TiSASRec(SASRec):
                                      cfg.maxlen, cfg.time_span)
 
     def context(self, batch: dict) -> dict:
-        """SASRec's mask plus the interval buckets, computed once and shared by all layers."""
-        ctx = super().context(batch)
-        ctx["intervals"] = time_intervals(batch["times"], batch["items"] != 0, self.time_unit, self.time_span)
-        return ctx
+        """The causal key-padding mask and the interval buckets, computed once and shared by all layers."""
+        items = batch["items"]
+        return {"mask": attention_mask(items),
+                "intervals": time_intervals(batch["times"], items != 0, self.time_unit, self.time_span)}
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Hidden states of the left-padded rows as they are: the interval and position tables
+        are indexed by column, so the rows are not rotated as in SASRec.forward."""
+        return self.encode(self.embed(batch["items"]), self.context(batch))
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:
         """Item embedding x sqrt(d), dropout, padding zeroed; no absolute positions (see pK, pV)."""
