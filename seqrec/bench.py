@@ -121,7 +121,7 @@ def run_case(spec: dict) -> dict:
         batch_times.append(_timed(lambda: data.train_batch(users, 0, 1), device))
     warm = spec["steps"] // 3
     step = statistics.median(step_times[warm:])
-    out = {**spec, "s_per_step": step, "seq_per_s": spec["batch_size"] / step,
+    out = {**spec, "length_buckets": trainer.length_buckets, "s_per_step": step, "seq_per_s": spec["batch_size"] / step,
            "s_per_epoch": step * trainer.steps_per_epoch,
            "batch_share": statistics.median(batch_times[warm:]) / step}
     for protocol in ("sampled", "full"):
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", default="off", help="off|bf16|fp16|auto")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--length_buckets", default=str(TrainConfig.length_buckets),
-                        help="comma list of --length_buckets values to measure (1 = no length bucketing)")
+                        help="comma list of --length_buckets values to measure (1 = no length bucketing, "
+                             "0 = the trainer's automatic choice)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
     parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

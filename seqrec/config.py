@@ -74,8 +74,9 @@ class TrainConfig:
     train_dir: str | None = opt(None, "run directory for config, metrics and checkpoints (default: runs/<dataset>)")
     batch_size: int = opt(128, "global batch size (users per step, split evenly over ranks)")
     grad_accum_steps: int = opt(1, "micro-batches per rank and step (the global batch stays --batch_size)")
-    length_buckets: int = opt(4, "split each micro-batch into this many groups of similar history length, each cut "
-                                 "to its longest history (same gradient, less padding; 1 = off)")
+    length_buckets: int = opt(0, "split each micro-batch into this many groups of similar history length, each cut "
+                                 "to its longest history (same gradient, less padding; 1 = off; 0 = auto: 8 on "
+                                 "CPU, 1 on CUDA)")
     lr: float = opt(0.001, "peak learning rate (Adam, betas 0.9/0.98)")
     lr_decay_step: int = opt(1000, "multiply the LR by lr_decay_rate every this many epochs")
     lr_decay_rate: float = opt(0.95, "step-decay factor")
@@ -232,7 +233,7 @@ def validate(cfg: Config) -> Config:
         "mhc_sinkhorn_iter": m.mhc_sinkhorn_iter, "batch_size": t.batch_size,
         "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
         "max_bad_steps": t.max_bad_steps, "log_every": t.log_every, "grad_accum_steps": t.grad_accum_steps,
-        "length_buckets": t.length_buckets, "ce_chunk_size": t.ce_chunk_size,
+        "ce_chunk_size": t.ce_chunk_size,
         "eval_negatives": e.eval_negatives, "eval_batch_size": e.eval_batch_size,
     }
     for name, value in positive.items():
@@ -241,7 +242,7 @@ def validate(cfg: Config) -> Config:
     non_negative = {
         "warmup_steps": t.warmup_steps, "l2_emb": t.l2_emb, "grad_clip": t.grad_clip,
         "early_stop_patience": t.early_stop_patience, "save_every_steps": t.save_every_steps,
-        "num_negatives": t.num_negatives,
+        "num_negatives": t.num_negatives, "length_buckets": t.length_buckets,
         "min_user_count": cfg.data.min_user_count,
         "min_item_count": cfg.data.min_item_count, "num_workers": cfg.data.num_workers,
     }

@@ -75,6 +75,10 @@ class Trainer:
             lr_at, warmup_steps=t.warmup_steps, steps_per_epoch=self.steps_per_epoch,
             decay_step=t.lr_decay_step, decay_rate=t.lr_decay_rate))
         self.amp_dtype = resolve_amp(t.amp, device)
+        # On CPU, 8 groups measured fastest for SASRec and as fast as 4 for the other variants
+        # (docs/PERFORMANCE.md). On CUDA a d=50 model is launch-bound, and each group costs its
+        # own kernel launches, so bucketing stays off there until it is measured.
+        self.length_buckets = t.length_buckets or (8 if device.type == "cpu" else 1)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch = 0  # last completed epoch
         self.step = 0  # optimizer steps taken (skipped steps included, so the data order stays fixed)
@@ -232,10 +236,10 @@ class Trainer:
         """
         t = self.cfg.train
         lengths = self.data.train_positions[rows]
-        if t.length_buckets > 1:
+        if self.length_buckets > 1:
             order = torch.argsort(lengths, stable=True)
             rows, lengths = rows[order], lengths[order]
-        count = t.grad_accum_steps * t.length_buckets
+        count = t.grad_accum_steps * self.length_buckets
         parts = [(part, int(lens.max())) for part, lens in zip(rows.tensor_split(count), lengths.tensor_split(count))
                  if len(part)]
         # A rank without rows (the last, short global batch) still runs one empty micro-batch:
