@@ -23,19 +23,12 @@ from torch import nn
 from ..config import ModelConfig
 
 
-def _sum(p: torch.Tensor, dim: int) -> torch.Tensor:
-    """p [n, n, T] summed over dim 0 or 1 (keepdim) as a product with a ones vector: half
-    the CPU time of torch.sum for these shapes (26 vs 50 us at n = 4, T = 25600)."""
-    ones = p.new_ones(1, p.shape[0])
-    return (ones @ p.view(p.shape[0], -1)).view(1, *p.shape[1:]) if dim == 0 else ones @ p
-
-
 def _normalise(z: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The forward of _Normalise: the result and the normalisers its backward needs."""
     p = z.exp()
     sums = []
     for dim in dims:
-        sums.append(_sum(p, dim))
+        sums.append(p.sum(dim, keepdim=True))
         p.mul_(sums[-1].reciprocal())
     return p, sums
 
@@ -64,7 +57,7 @@ class _Normalise(torch.autograd.Function):
         p, *sums = ctx.saved_tensors
         g, y, gy = grad.clone(memory_format=torch.contiguous_format), p.clone(), torch.empty_like(p)
         for dim, s in zip(reversed(ctx.dims), reversed(sums)):
-            g.sub_(_sum(torch.mul(g, y, out=gy), dim)).mul_(s.reciprocal())
+            g.sub_(torch.mul(g, y, out=gy).sum(dim, keepdim=True)).mul_(s.reciprocal())
             y.mul_(s)
         return g.mul_(y), None
 
