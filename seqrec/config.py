@@ -116,6 +116,8 @@ class EvalConfig:
     eval_batch_size: int = opt(512, "users per evaluation batch")
     topk: list = opt([1, 5, 10, 20], "cut-offs K for full-ranking Recall/NDCG/MRR")
     mask_history: bool = opt(False, "full ranking: exclude the user's history from the ranking (papers: off)")
+    eval_item_chunk: int = opt(65536, "full ranking: score at most this many items at a time (memory: eval_batch_size "
+                                      "x chunk floats; large catalogues take two passes over the chunks)")
     select_metric: str = opt("sampled/NDCG@10", "validation metric for best checkpoint and early stopping")
 
 
@@ -234,7 +236,7 @@ def validate(cfg: Config) -> Config:
         "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
         "max_bad_steps": t.max_bad_steps, "log_every": t.log_every, "grad_accum_steps": t.grad_accum_steps,
         "ce_chunk_size": t.ce_chunk_size,
-        "eval_negatives": e.eval_negatives, "eval_batch_size": e.eval_batch_size,
+        "eval_negatives": e.eval_negatives, "eval_batch_size": e.eval_batch_size, "eval_item_chunk": e.eval_item_chunk,
     }
     for name, value in positive.items():
         if value <= 0:

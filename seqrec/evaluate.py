@@ -42,8 +42,9 @@ def _batches(split: EvalSplit, shard: range, batch_size: int):
         yield batch
 
 
-def _mask_history(scores: torch.Tensor, split: EvalSplit, users: torch.Tensor, num_items: int) -> None:
-    """Set the scores of each user's input items to -inf (variable-length, gathered from sorted keys)."""
+def _mask_history(scores: torch.Tensor, split: EvalSplit, users: torch.Tensor, num_items: int, start: int) -> None:
+    """Set the scores of each user's input items to -inf in a chunk of item ids starting at
+    `start` (variable-length, gathered from sorted keys)."""
     width = num_items + 1
     lo = torch.searchsorted(split.history, users * width)
     hi = torch.searchsorted(split.history, (users + 1) * width)
@@ -51,7 +52,45 @@ def _mask_history(scores: torch.Tensor, split: EvalSplit, users: torch.Tensor, n
     rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
     first = torch.repeat_interleave(lo - (counts.cumsum(0) - counts), counts)
     keys = split.history[torch.arange(rows.numel(), device=users.device) + first]
-    scores[rows, keys - users[rows] * width] = float("-inf")
+    cols = keys - users[rows] * width - start
+    inside = (cols >= 0) & (cols < scores.shape[1])
+    scores[rows[inside], cols[inside]] = float("-inf")
+
+
+def _full_ranks(model: nn.Module, hidden: torch.Tensor, batch: dict, split: EvalSplit, cfg: EvalConfig,
+                num_items: int) -> torch.Tensor:
+    """Pessimistic rank of each target among all items, excluding padding, the target itself
+    and, with mask_history, the user's input items.
+
+    Scores are computed `eval_item_chunk` item ids at a time, so memory is bounded by
+    batch x chunk rather than batch x catalogue. With several chunks the targets' scores are
+    read in a first pass over the same chunk products that the counting pass recomputes
+    (deterministically), so every comparison is between numbers from one and the same
+    product, exactly as with a single chunk.
+    """
+    target = batch["targets"]
+    width = num_items + 1
+    chunks = [slice(start, min(start + cfg.eval_item_chunk, width)) for start in range(0, width, cfg.eval_item_chunk)]
+    one = model.score_all(hidden).float() if len(chunks) == 1 else None
+    if one is not None:
+        target_score = one.gather(1, target[:, None])[:, 0]
+    else:
+        target_score = torch.empty_like(hidden[:, 0])
+        for items in chunks:
+            scores = model.score_all(hidden, items).float()
+            rows = ((target >= items.start) & (target < items.stop)).nonzero()[:, 0]
+            target_score[rows] = scores[rows, target[rows] - items.start]
+    ranks = torch.zeros_like(target)
+    for items in chunks:
+        scores = one if one is not None else model.score_all(hidden, items).float()
+        if items.start == 0:
+            scores[:, 0] = float("-inf")  # padding
+        if cfg.mask_history:
+            _mask_history(scores, split, batch["users"], num_items, items.start)
+        rows = ((target >= items.start) & (target < items.stop)).nonzero()[:, 0]
+        scores[rows, target[rows] - items.start] = float("-inf")
+        ranks += pessimistic_rank(target_score, scores)
+    return ranks
 
 
 @torch.no_grad()
@@ -72,13 +111,7 @@ def evaluate(model: nn.Module, split: EvalSplit, cfg: EvalConfig, num_items: int
             ranks = pessimistic_rank(scores[:, 0], scores[:, 1:])
             parts.append(metric_sums(ranks, [10], ("HR", "NDCG"), "sampled/"))
         if "full" in protocols:
-            scores = model.score_all(hidden).float()
-            target_score = scores.gather(1, target[:, None])[:, 0]
-            scores[:, 0] = float("-inf")
-            if cfg.mask_history:
-                _mask_history(scores, split, batch["users"], num_items)
-            scores.scatter_(1, target[:, None], float("-inf"))
-            ranks = pessimistic_rank(target_score, scores)
+            ranks = _full_ranks(model, hidden, batch, split, cfg, num_items)
             parts.append(metric_sums(ranks, cfg.topk, prefix="full/"))
         for part in parts:
             for name, value in part.items():

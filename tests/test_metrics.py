@@ -40,8 +40,8 @@ class FixedScores(torch.nn.Module):
     def score(self, hidden, items):
         return self.table[hidden[:, 0, 0].long()].gather(1, items)
 
-    def score_all(self, hidden):
-        return self.table[hidden[:, 0].long()]
+    def score_all(self, hidden, items=slice(None)):
+        return self.table[hidden[:, 0].long()][:, items]
 
 
 def make_split(targets, negatives, history_items):
@@ -52,13 +52,14 @@ def make_split(targets, negatives, history_items):
                      history=torch.tensor(keys, dtype=torch.long))
 
 
-def test_evaluate_both_protocols_by_hand():
+@pytest.mark.parametrize("chunk", [65536, 4, 2])  # one chunk; ids 0-3 + 4-5; three chunks of 2
+def test_evaluate_both_protocols_by_hand(chunk):
     # 5 items (ids 1..5, column 0 = padding). User 0: target 2 ranks first among all.
     # User 1: target 3 has items 1 and 5 above it and item 4 tied -> pessimistic full rank 3.
     table = [[9.0, 0.1, 0.9, 0.3, 0.2, 0.0],
              [9.0, 0.8, 0.1, 0.5, 0.5, 0.7]]
     split = make_split(targets=[2, 3], negatives=[[1, 3], [2, 5]], history_items=[[1], [1, 5]])
-    cfg = EvalConfig(topk=[1, 5], eval_batch_size=1)
+    cfg = EvalConfig(topk=[1, 5], eval_batch_size=1, eval_item_chunk=chunk)
     m = evaluate(FixedScores(table), split, cfg, num_items=5)
     # sampled: user 0 rank 0, user 1 rank 1 (item 5 above, item 2 below)
     assert m["sampled/HR@10"] == pytest.approx(1.0)
@@ -68,14 +69,17 @@ def test_evaluate_both_protocols_by_hand():
     assert m["full/NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
     assert m["full/MRR@5"] == pytest.approx((1 + 1 / 4) / 2)
     # history masking removes items 1 and 5 for user 1 -> rank 1 (only the tie with item 4 remains)
-    masked = evaluate(FixedScores(table), split, EvalConfig(topk=[1, 5], mask_history=True), num_items=5)
+    masked = evaluate(FixedScores(table), split, EvalConfig(topk=[1, 5], mask_history=True, eval_item_chunk=chunk),
+                      num_items=5)
     assert masked["full/MRR@5"] == pytest.approx((1 + 1 / 2) / 2)
 
 
-def test_history_masking_never_masks_the_target():
+@pytest.mark.parametrize("chunk", [65536, 2])
+def test_history_masking_never_masks_the_target(chunk):
     table = [[0.0, 0.9, 0.1, 0.2, 0.3, 0.4]]
     split = make_split(targets=[1], negatives=[[2, 3]], history_items=[[1, 2]])  # repeat consumption of item 1
-    m = evaluate(FixedScores(table), split, EvalConfig(topk=[1], mask_history=True), num_items=5)
+    m = evaluate(FixedScores(table), split, EvalConfig(topk=[1], mask_history=True, eval_item_chunk=chunk),
+                 num_items=5)
     assert m["full/Recall@1"] == 1.0
 
 
@@ -106,3 +110,19 @@ def test_evaluation_of_trimmed_batches_equals_full_width(data_file, time):
     assert m["sampled/NDCG@10"] == pytest.approx(sampled["NDCG@10"].item() / len(split), abs=1e-6)
     assert m["full/NDCG@10"] == pytest.approx(ranked["NDCG@10"].item() / len(split), abs=1e-6)
     assert m["full/MRR@20"] == pytest.approx(ranked["MRR@20"].item() / len(split), abs=1e-6)
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_chunked_full_ranking_equals_one_product(data_file, mask_history):
+    """Scoring the catalogue 7 ids at a time (two passes) gives the metrics of one product."""
+    from conftest import small_config
+    from seqrec.data import load_sequences
+    from seqrec.data.tensors import SequenceTensors
+    from seqrec.models import build_model
+    cfg = small_config(data_file, data_file.parent, eval__mask_history=mask_history)
+    data = SequenceTensors(load_sequences(cfg.data), cfg.model.maxlen, "cpu", eval_negatives=20)
+    model = build_model(cfg.model, data.num_items).eval()
+    whole = evaluate(model, data.splits["test"], cfg.eval, data.num_items, ("full",))
+    cfg.eval.eval_item_chunk = 7
+    assert data.num_items + 1 > 2 * 7
+    assert evaluate(model, data.splits["test"], cfg.eval, data.num_items, ("full",)) == whole

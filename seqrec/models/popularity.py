@@ -19,5 +19,5 @@ class Popularity(nn.Module):
     def score(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.counts[items]
 
-    def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.counts.repeat(hidden.shape[0], 1)
+    def score_all(self, hidden: torch.Tensor, items: slice = slice(None)) -> torch.Tensor:
+        return self.counts[items].repeat(hidden.shape[0], 1)

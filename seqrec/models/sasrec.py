@@ -1,8 +1,8 @@
 """SASRec backbone (Kang & McAuley, 2018) with post- or pre-LayerNorm blocks.
 
 The model API is fixed for every variant: ``forward(batch) -> hidden [B, L, d]``,
-``score(hidden, items)`` for given candidates and ``score_all(hidden)`` for the whole
-catalogue. Models never move data or hold a device; the trainer does.
+``score(hidden, items)`` for given candidates and ``score_all(hidden[, id range])`` for the
+whole catalogue. Models never move data or hold a device; the trainer does.
 """
 from __future__ import annotations
 
@@ -150,6 +150,7 @@ class SASRec(nn.Module):
         to score k candidates per position)."""
         return (self.item_emb(items) * hidden).sum(-1)
 
-    def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every item id (column 0 is padding) -> [..., num_items + 1]."""
-        return hidden @ self.item_emb.weight.t()
+    def score_all(self, hidden: torch.Tensor, items: slice = slice(None)) -> torch.Tensor:
+        """Scores of every item id (column 0 is padding) -> [..., num_items + 1], or of the ids in
+        the range `items` (evaluation scores large catalogues in chunks)."""
+        return hidden @ self.item_emb.weight[items].t()
