@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from seqrec import provenance
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"sasrec": ["--no_time", "--no_mhc"], "sasrec+mhc": ["--no_time", "--mhc"],
           "tisasrec": ["--time", "--no_mhc"], "tisasrec+mhc": ["--time", "--mhc"]}
@@ -97,7 +99,8 @@ def summarise(run_dir: Path, protocol: str) -> dict | None:
             "epochs": max(r["epoch"] for r in records if r["type"] == "train"),
             "valid": result["valid"][f"{prefix}/NDCG@10"], "ndcg": result["test"][f"{prefix}/NDCG@10"],
             "hit": result["test"][f"{prefix}/{hit}"],
-            "seconds": sum(r["seconds"] for r in records if r["type"] == "train")}
+            "seconds": sum(r["seconds"] for r in records if r["type"] == "train"),
+            "code": provenance.code_versions(run_dir)}
 
 
 def _spread(values: list[float]) -> str:
@@ -110,7 +113,7 @@ def table(rows: list[Row], out: Path, seeds: list[int]) -> str:
     hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                 else f"CPU {os.cpu_count()} cores ({platform.machine()})")
     lines = ["| row | data | metrics | seeds | epochs (best) | valid NDCG@10 | test NDCG@10 | test HR@10 / Recall@10 "
-             "| train time / run |", "|---|---|---|---|---|---|---|---|---|"]
+             "| train time / run | code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         runs = [s for s in (summarise(out / row.name / f"seed{seed}", row.protocol) for seed in seeds) if s]
         if not runs:
@@ -119,8 +122,10 @@ def table(rows: list[Row], out: Path, seeds: list[int]) -> str:
         minutes = statistics.fmean(r["seconds"] for r in runs) / 60
         lines.append(f"| {row.name} | {row.data} | {PROTOCOLS[row.protocol][1]} | {len(runs)} | {epochs} "
                      f"| {_spread([r['valid'] for r in runs])} | {_spread([r['ndcg'] for r in runs])} "
-                     f"| {_spread([r['hit'] for r in runs])} | {minutes:.0f} min |")
-    lines.append(f"\nHardware: {hardware}, torch {torch.__version__}. Spread = half the range over seeds.")
+                     f"| {_spread([r['hit'] for r in runs])} | {minutes:.0f} min "
+                     f"| {', '.join(dict.fromkeys(v for r in runs for v in r['code'] or ['–']))} |")
+    lines.append(f"\nHardware: {hardware}, torch {torch.__version__}. Spread = half the range over seeds. "
+                 "Code: the commits each row's runs were trained with (runs.jsonl; – = not recorded).")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import provenance
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, DistConfig, from_dict, parse_config, to_dict
 from .data import DataError, SequenceTensors, load_sequences, resolve_path
@@ -26,7 +27,7 @@ from .evaluate import evaluate, format_metrics
 from .models import Popularity, build_model
 from .trainer import Trainer, TrainingError, log
 
-RUN_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json", "config.yaml")
+RUN_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json", "config.yaml", provenance.FILE)
 
 
 def resolve_device(requested: str | None) -> torch.device:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import provenance
 from .config import Config, to_dict
 from .data.tensors import SequenceTensors
 from .evaluate import evaluate, format_metrics
@@ -298,6 +299,7 @@ class Trainer:
 
     def fit(self) -> dict:
         t = self.cfg.train
+        provenance.record_start(self.run_dir, self.step, self.device)
         log(f"training {type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters()):,} parameters) "
             f"on {self.data.num_train_users:,} users, {self.data.num_items:,} items, "
             f"{self.steps_per_epoch} steps/epoch, device {self.device}, world size {dist.world_size()}, "

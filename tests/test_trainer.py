@@ -6,6 +6,7 @@ import torch
 
 from conftest import assert_close_parameters, small_config
 from seqrec import checkpoint as ckpt
+from seqrec import provenance
 from seqrec.cli import run
 from seqrec.config import ConfigError
 from seqrec.losses import BCELoss
@@ -190,3 +191,13 @@ def test_length_buckets_change_work_not_gradients(data_file, tmp_path, model_kw)
         run_dir = tmp_path / f"b{buckets}a{accum}"
         run(small_config(data_file, run_dir, train__length_buckets=buckets, train__grad_accum_steps=accum, **kw))
         assert_close_parameters(reference, params(run_dir / "latest.pt"), 1e-4)
+
+
+def test_each_start_and_resume_records_its_provenance(data_file, tmp_path):
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 4]  # 4 steps per epoch: the resume starts after epoch 1
+    assert all(r["torch"] == torch.__version__ and r["world_size"] == 1 and r["device"].startswith("CPU")
+               for r in rows)
+    assert rows[0]["code"] == provenance.code_version()  # a commit id in a git checkout, else None
