@@ -168,7 +168,7 @@ class Trainer:
         gradient of the one-process loss, whatever the world size, accumulation or bucketing.
         """
         t = self.cfg.train
-        users = users.cpu()
+        users = users.cpu()  # a no-op for train_epoch's host-side order
         scale = dist.world_size() / max(int(self.data.train_positions[users].sum()), 1)
         parts = self.micro_batches(self.rank_rows(users))
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,7 +256,7 @@ class Trainer:
         """The epoch's steps, starting after any already taken (a mid-epoch checkpoint)."""
         t = self.cfg.train
         self.model.train()
-        order = self.data.epoch_order(t.seed, epoch)
+        order = self.data.epoch_order(t.seed, epoch).cpu()  # one read per epoch; steps plan on the host
         first = self.step - (epoch - 1) * self.steps_per_epoch
         meter, samples = EpochMonitor(self.device), 0  # this rank's users, for per-rank samples/s
         start = meter.start
