@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -110,8 +109,7 @@ def _spread(values: list[float]) -> str:
 
 
 def table(rows: list[Row], out: Path, seeds: list[int]) -> str:
-    hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                else f"CPU {os.cpu_count()} cores ({platform.machine()})")
+    hardware = provenance.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     lines = ["| row | data | metrics | seeds | epochs (best) | valid NDCG@10 | test NDCG@10 | test HR@10 / Recall@10 "
              "| train time / run | code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -71,23 +71,22 @@ def _full_ranks(model: nn.Module, hidden: torch.Tensor, batch: dict, split: Eval
     target = batch["targets"]
     width = num_items + 1
     chunks = [slice(start, min(start + cfg.eval_item_chunk, width)) for start in range(0, width, cfg.eval_item_chunk)]
+    # For each chunk, the rows whose target lies in it.
+    targets_in = [((target >= c.start) & (target < c.stop)).nonzero()[:, 0] for c in chunks]
     one = model.score_all(hidden).float() if len(chunks) == 1 else None
     if one is not None:
         target_score = one.gather(1, target[:, None])[:, 0]
     else:
         target_score = torch.empty_like(hidden[:, 0])
-        for items in chunks:
-            scores = model.score_all(hidden, items).float()
-            rows = ((target >= items.start) & (target < items.stop)).nonzero()[:, 0]
-            target_score[rows] = scores[rows, target[rows] - items.start]
+        for items, rows in zip(chunks, targets_in):
+            target_score[rows] = model.score_all(hidden, items).float()[rows, target[rows] - items.start]
     ranks = torch.zeros_like(target)
-    for items in chunks:
+    for items, rows in zip(chunks, targets_in):
         scores = one if one is not None else model.score_all(hidden, items).float()
         if items.start == 0:
             scores[:, 0] = float("-inf")  # padding
         if cfg.mask_history:
             _mask_history(scores, split, batch["users"], num_items, items.start)
-        rows = ((target >= items.start) & (target < items.stop)).nonzero()[:, 0]
         scores[rows, target[rows] - items.start] = float("-inf")
         ranks += pessimistic_rank(target_score, scores)
     return ranks
