@@ -113,12 +113,14 @@ def run_case(spec: dict) -> dict:
     literal = spec["variant"].endswith("-literal")
     if literal:
         use_literal_attention(trainer.model)
-    order = data.epoch_order(0, 1)
+    order = data.epoch_order(0, 1).cpu()  # the trainer plans micro-batches on the host
     batches = [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(spec["steps"])]
     step_times, batch_times = [], []
     for users in batches:
         step_times.append(_timed(lambda: trainer.train_step(users, 1), device))
-        batch_times.append(_timed(lambda: data.train_batch(users, 0, 1), device))
+        # The micro-batches the step builds, cut to their widths (the step's own share).
+        batch_times.append(_timed(lambda: [trainer.batch(part, 1, width) for part, width
+                                           in trainer.micro_batches(trainer.rank_rows(users))], device))
     warm = spec["steps"] // 3
     step = statistics.median(step_times[warm:])
     out = {**spec, "length_buckets": trainer.length_buckets, "s_per_step": step, "seq_per_s": spec["batch_size"] / step,

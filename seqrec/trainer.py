@@ -176,9 +176,7 @@ class Trainer:
         for i, (part, width) in enumerate(parts):
             last = i == len(parts) - 1
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                batch = self.data.train_batch(part.to(self.device, non_blocking=True), t.seed, epoch,
-                                              self.loss_fn.num_negatives, self.loss_fn.sampler,
-                                              self.step if self.loss_fn.shared else None, width)
+                batch = self.batch(part, epoch, width)
                 with self.autocast():
                     hidden = self.forward(batch)
                     loss_sum, _ = self.loss_fn(self.model, hidden, batch)
@@ -222,6 +220,12 @@ class Trainer:
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise TrainingError(f"{self.bad_steps} consecutive non-finite steps (last at step {self.step}); "
                                 f"stopping. Lower --lr or check the data; the last good checkpoint is kept")
+
+    def batch(self, users: torch.Tensor, epoch: int, width: int) -> dict:
+        """The training batch of host-side `users` at this step, cut to its last `width` columns."""
+        return self.data.train_batch(users.to(self.device, non_blocking=True), self.cfg.train.seed, epoch,
+                                     self.loss_fn.num_negatives, self.loss_fn.sampler,
+                                     self.step if self.loss_fn.shared else None, width)
 
     def micro_batches(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """This rank's rows as (users, width) micro-batches: grad_accum_steps x length_buckets
