@@ -28,6 +28,7 @@ SIZES = {
     "seed": {"hidden_units": 50, "num_blocks": 2, "num_heads": 2, "maxlen": 200},
     "ref-h1": {"hidden_units": 50, "num_blocks": 2, "num_heads": 1, "maxlen": 200},
     "L50": {"hidden_units": 50, "num_blocks": 2, "num_heads": 2, "maxlen": 50},
+    "seed-d256": {"hidden_units": 256, "num_blocks": 2, "num_heads": 2, "maxlen": 200},
     "large": {"hidden_units": 256, "num_blocks": 4, "num_heads": 8, "maxlen": 200},
 }
 VARIANTS = {"sasrec": (False, False), "sasrec+mhc": (False, True), "tisasrec": (True, False),
@@ -83,16 +84,26 @@ def run_worker(module: str, spec: dict) -> dict:
 
 
 def _timed(fn, device: torch.device) -> float:
+    return _timed_cpu(fn, device)[0]
+
+
+def _timed_cpu(fn, device: torch.device) -> tuple[float, float]:
+    """Seconds fn took (CUDA events on a GPU) and this process's CPU seconds meanwhile.
+
+    CPU time is the stable figure on a loaded machine, where other jobs stretch the wall
+    time of a run limited to fewer threads than there are cores.
+    """
+    cpu0 = time.process_time()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
+        return start.elapsed_time(end) / 1000, time.process_time() - cpu0
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - cpu0
 
 
 def run_case(spec: dict) -> dict:
@@ -102,8 +113,13 @@ def run_case(spec: dict) -> dict:
     from .evaluate import evaluate
     from .trainer import Trainer
     device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     cfg = Config()
-    for key, value in {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"]}.items():
+    model = {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"]}
+    if spec["mhc"]:
+        model["mhc_expansion_rate"] = spec["expansion_rate"]
+    for key, value in model.items():
         setattr(cfg.model, key, value)
     cfg.train.batch_size, cfg.train.amp = spec["batch_size"], spec["amp"]
     cfg.train.length_buckets = spec["length_buckets"]
@@ -115,15 +131,19 @@ def run_case(spec: dict) -> dict:
         use_literal_attention(trainer.model)
     order = data.epoch_order(0, 1).cpu()  # the trainer plans micro-batches on the host
     batches = [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(spec["steps"])]
-    step_times, batch_times = [], []
+    step_times, cpu_times, batch_times = [], [], []
     for users in batches:
-        step_times.append(_timed(lambda: trainer.train_step(users, 1), device))
+        wall, cpu = _timed_cpu(lambda: trainer.train_step(users, 1), device)
+        step_times.append(wall)
+        cpu_times.append(cpu)
         # The micro-batches the step builds, cut to their widths (the step's own share).
         batch_times.append(_timed(lambda: [trainer.batch(part, 1, width) for part, width
                                            in trainer.micro_batches(trainer.rank_rows(users))], device))
     warm = spec["steps"] // 3
     step = statistics.median(step_times[warm:])
-    out = {**spec, "length_buckets": trainer.length_buckets, "s_per_step": step, "seq_per_s": spec["batch_size"] / step,
+    out = {**spec, "length_buckets": trainer.length_buckets, "threads": torch.get_num_threads(),
+           "s_per_step": step, "cpu_s_per_step": statistics.median(cpu_times[warm:]),
+           "seq_per_s": spec["batch_size"] / step,
            "s_per_epoch": step * trainer.steps_per_epoch,
            "batch_share": statistics.median(batch_times[warm:]) / step}
     for protocol in ("sampled", "full"):
@@ -136,20 +156,25 @@ def run_case(spec: dict) -> dict:
     return out
 
 
+def label(row: dict) -> str:
+    """The variant, with the expansion rate for mHC variants."""
+    return f"{row['variant']} n={row['expansion_rate']}" if row["mhc"] else row["variant"]
+
+
 def table(rows: list[dict]) -> str:
     """Markdown rows; 'x SASRec' is the step-time ratio to SASRec of the same size and
     length buckets in this run."""
-    head = ("| variant | size | B | buckets | s/step | x SASRec | seq/s | s/epoch | batch build | peak mem GB "
-            "| sampled eval s | full eval s |")
+    head = ("| variant | size | B | buckets | threads | s/step | CPU s/step | x SASRec | seq/s | s/epoch "
+            "| batch build | peak mem GB | sampled eval s | full eval s |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     base = {_group(r): r["s_per_step"] for r in rows if r["variant"] == "sasrec" and "error" not in r}
     for r in rows:
-        first = f"| {r['variant']} | {r['size']} | {r['batch_size']} | {r['length_buckets']}"
+        first = f"| {label(r)} | {r['size']} | {r['batch_size']} | {r['length_buckets']}"
         if "error" in r:
             lines.append(f"{first} | {r['error']} |")
             continue
         ratio = f"{r['s_per_step'] / base[_group(r)]:.2f}" if _group(r) in base else "-"
-        lines.append(f"{first} | {r['s_per_step']:.4f} | {ratio} "
+        lines.append(f"{first} | {r['threads']} | {r['s_per_step']:.4f} | {r['cpu_s_per_step']:.4f} | {ratio} "
                      f"| {r['seq_per_s']:.0f} "
                      f"| {r['s_per_epoch']:.2f} | {r['batch_share']:.1%} | {r['peak_mem_gb']:.2f} "
                      f"| {r['eval_sampled_s']:.2f} | {r['eval_full_s']:.2f} |")
@@ -161,20 +186,22 @@ def _group(row: dict) -> tuple[str, int]:
 
 
 def ratios(rows: list[dict]) -> str:
-    """Same-run ratios: efficient vs literal TiSASRec and mHC on vs off (per size and
-    bucketing), and each variant's step without length buckets vs with them."""
-    by = {(r["variant"], *_group(r)): r for r in rows if "error" not in r}
-    pairs = [("tisasrec-literal", "tisasrec"), ("sasrec+mhc", "sasrec"), ("tisasrec+mhc", "tisasrec")]
+    """Same-run ratios: efficient vs literal TiSASRec and mHC (each n) vs the same model
+    without it (per size and bucketing), and each variant's step without length buckets
+    vs with them."""
+    by = {(label(r), *_group(r)): r for r in rows if "error" not in r}
+    baseline = {"tisasrec-literal": "tisasrec", "sasrec+mhc": "sasrec", "tisasrec+mhc": "tisasrec"}
     lines = []
-    for (variant, size, buckets), r in by.items():
-        for a, b in pairs:
-            if variant == a and (b, size, buckets) in by:
-                rb = by[(b, size, buckets)]
-                lines.append(f"- {size}, buckets {buckets}: {a} / {b} = {r['s_per_step'] / rb['s_per_step']:.2f}x "
-                             f"step time, {r['peak_mem_gb'] / max(rb['peak_mem_gb'], 1e-9):.2f}x peak memory")
-        if buckets > 1 and (variant, size, 1) in by:
-            lines.append(f"- {size}: {variant} step, buckets 1 / buckets {buckets} = "
-                         f"{by[(variant, size, 1)]['s_per_step'] / r['s_per_step']:.2f}x")
+    for (name, size, buckets), r in by.items():
+        other = by.get((baseline.get(r["variant"]), size, buckets))
+        if other is not None:
+            lines.append(f"- {size}, buckets {buckets}: {name} / {other['variant']} = "
+                         f"{r['s_per_step'] / other['s_per_step']:.2f}x step time "
+                         f"({r['cpu_s_per_step'] / other['cpu_s_per_step']:.2f}x CPU time), "
+                         f"{r['peak_mem_gb'] / max(other['peak_mem_gb'], 1e-9):.2f}x peak memory")
+        if buckets > 1 and (name, size, 1) in by:
+            lines.append(f"- {size}: {name} step, buckets 1 / buckets {buckets} = "
+                         f"{by[(name, size, 1)]['s_per_step'] / r['s_per_step']:.2f}x")
     return "\n".join(lines)
 
 
@@ -190,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length_buckets", default=str(TrainConfig.length_buckets),
                         help="comma list of --length_buckets values to measure (1 = no length bucketing, "
                              "0 = the trainer's automatic choice)")
+    parser.add_argument("--expansion_rates", default="4",
+                        help="comma list of mHC expansion rates n, each measured for every +mhc variant")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per case (0 = torch's default: all cores)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
     parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -200,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes.split(",") if args.sizes else (["seed"] if args.quick else list(SIZES))
     steps = args.steps or (6 if args.quick else 15)
     rows = []
-    cases = [(size, variant, int(buckets)) for size in sizes for variant in args.variants.split(",")
-             for buckets in args.length_buckets.split(",")]
-    for size, variant, buckets in cases:
+    rates = [int(n) for n in args.expansion_rates.split(",")]
+    cases = [(size, variant, int(buckets), n) for size in sizes for variant in args.variants.split(",")
+             for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
+    for size, variant, buckets, n in cases:
         time_, mhc = VARIANTS[variant]
-        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "device": args.device,
-                "amp": args.amp, "batch_size": args.batch_size, "steps": steps, "length_buckets": buckets}
+        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "expansion_rate": n,
+                "device": args.device, "amp": args.amp, "batch_size": args.batch_size, "steps": steps,
+                "length_buckets": buckets, "threads": args.threads}
         try:
             rows.append(run_worker("seqrec.bench", spec))
         except RuntimeError as err:

@@ -7,16 +7,21 @@ from seqrec import bench
 def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.SIZES, "tiny", {"hidden_units": 8, "num_blocks": 1, "num_heads": 1, "maxlen": 12})
     monkeypatch.setattr(bench, "synthetic_sequences", lambda: bench_small())
-    spec = {"variant": "tisasrec-literal", "size": "tiny", "time": True, "mhc": False, "device": "cpu",
-            "amp": "off", "batch_size": 8, "steps": 3, "length_buckets": 2}
+    spec = {"variant": "tisasrec-literal", "size": "tiny", "time": True, "mhc": False, "expansion_rate": None,
+            "device": "cpu", "amp": "off", "batch_size": 8, "steps": 3, "length_buckets": 2, "threads": 0}
     row = bench.run_case(spec)
-    assert row["s_per_step"] > 0 and row["peak_mem_gb"] >= 0
+    assert row["s_per_step"] > 0 and row["cpu_s_per_step"] > 0 and row["peak_mem_gb"] >= 0
+    mhc = bench.run_case({**spec, "variant": "tisasrec+mhc", "mhc": True, "expansion_rate": 2})
     rows = [row, {**row, "variant": "tisasrec", "s_per_step": row["s_per_step"] / 4},
-            {**row, "variant": "tisasrec", "length_buckets": 1, "s_per_step": row["s_per_step"] / 2}]
+            {**row, "variant": "tisasrec", "length_buckets": 1, "s_per_step": row["s_per_step"] / 2},
+            {**mhc, "s_per_step": row["s_per_step"] / 2, "cpu_s_per_step": row["cpu_s_per_step"] / 2}]
     report = bench.ratios(rows)
-    assert "tiny, buckets 2: tisasrec-literal / tisasrec = 4.00x step time" in report
+    assert "tiny, buckets 2: tisasrec-literal / tisasrec = 4.00x step time (1.00x CPU time)" in report
+    assert "tiny, buckets 2: tisasrec+mhc n=2 / tisasrec = 2.00x step time (0.50x CPU time)" in report
     assert "tiny: tisasrec step, buckets 1 / buckets 2 = 2.00x" in report
-    assert "| tisasrec | tiny | 8 | 1 |" in bench.table(rows)
+    threads = row["threads"]  # threads 0: the process's own setting (a test must not change it)
+    assert f"| tisasrec | tiny | 8 | 1 | {threads} |" in bench.table(rows)
+    assert f"| tisasrec+mhc n=2 | tiny | 8 | 2 | {threads} |" in bench.table(rows)
     assert json.dumps(rows)
 
 
