@@ -59,22 +59,44 @@ class Recommender:
 
     @torch.no_grad()
     def recommend(self, histories: list[list[str]], k: int = 10, exclude_seen: bool = True,
-                  times: list[list[int]] | None = None, strict: bool = False) -> list[list[tuple[str, float]]]:
+                  times: list[list[int]] | None = None, strict: bool = False,
+                  item_chunk: int = 65536) -> list[list[tuple[str, float]]]:
         """The k highest-scoring items (original id, score) after each history (oldest first).
 
         TiSASRec models need the histories' unix timestamps in ``times``. Unknown item ids
-        are dropped with a warning, or rejected when ``strict``.
+        are dropped with a warning, or rejected when ``strict``. Items are scored
+        `item_chunk` ids at a time, so memory is request batch x chunk at any catalogue size.
         """
         if self.uses_time and times is None:
             raise ValueError("this is a TiSASRec model: pass the histories' timestamps as times=")
+        if item_chunk < 1:
+            raise ValueError(f"item_chunk must be at least 1, got {item_chunk}")
         batch = self._encode(histories, times, strict)
-        scores = self.model.score_all(self.model(batch)[:, -1]).float()
-        scores[:, 0] = float("-inf")
-        if exclude_seen:
-            scores.scatter_(1, batch["items"], float("-inf"))  # also hits column 0 (padding), already -inf
-        top = scores.topk(min(k, len(self.item_ids)), dim=1)
+        values, indices = self._top_k(self.model(batch)[:, -1], batch["items"] if exclude_seen else None,
+                                      min(k, len(self.item_ids)), item_chunk)
         return [[(self.item_ids[i - 1], s) for i, s in zip(idx.tolist(), val.tolist()) if s != float("-inf")]
-                for idx, val in zip(top.indices, top.values)]
+                for idx, val in zip(indices, values)]
+
+    def _top_k(self, hidden: torch.Tensor, seen: torch.Tensor | None, k: int,
+               chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k scores and item ids over the catalogue, merged chunk by chunk: each chunk's own
+        top k joins the running top k, so only [B, chunk] scores exist at a time. Padding
+        (id 0) and the `seen` ids [B, L] (0 = none) score -inf."""
+        width = len(self.item_ids) + 1
+        values = hidden.new_empty(len(hidden), 0, dtype=torch.float32)
+        indices = torch.empty(len(hidden), 0, dtype=torch.long, device=hidden.device)
+        for start in range(0, width, chunk):
+            scores = self.model.score_all(hidden, slice(start, min(start + chunk, width))).float()
+            if start == 0:
+                scores[:, 0] = float("-inf")
+            if seen is not None:
+                rows, cols = (seen >= start).logical_and(seen < start + scores.shape[1]).nonzero(as_tuple=True)
+                scores[rows, seen[rows, cols] - start] = float("-inf")
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            values, indices = torch.cat([values, top.values], 1), torch.cat([indices, top.indices + start], 1)
+            keep = values.topk(min(k, values.shape[1]), dim=1)
+            values, indices = keep.values, indices.gather(1, keep.indices)
+        return values, indices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users_file", help="file with one user id per line")
     parser.add_argument("-k", type=int, default=10, help="recommendations per user")
     parser.add_argument("--include_seen", action="store_true", help="allow items already in the history")
+    parser.add_argument("--item_chunk", type=int, default=65536,
+                        help="item ids scored at a time (memory: users x chunk scores)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.item_chunk < 1:
+        parser.error("--item_chunk must be at least 1")
     from .data import DataError, load_sequences
     try:
         rec = Recommender.from_checkpoint(args.checkpoint, args.device)
@@ -108,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         spans = [slice(seqs.offsets[row_of[u]], seqs.offsets[row_of[u] + 1]) for u in users]
         histories = [[seqs.item_ids[i - 1] for i in seqs.items[s]] for s in spans]
         times = [seqs.times[s].tolist() for s in spans] if rec.uses_time else None
-        for user, recs in zip(users, rec.recommend(histories, args.k, not args.include_seen, times)):
+        for user, recs in zip(users, rec.recommend(histories, args.k, not args.include_seen, times,
+                                                     item_chunk=args.item_chunk)):
             print(f"{user}\t" + " ".join(f"{item}:{score:.3f}" for item, score in recs))
     except (ConfigError, DataError, ckpt.CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -35,6 +35,24 @@ def test_recommend_matches_model_scores_and_excludes_history(trained, data_file)
     assert len(with_seen) == 40  # the whole catalogue (padding never appears)
 
 
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_chunked_top_k_equals_one_product(trained, data_file, exclude_seen):
+    """Top-k merged over item chunks of 1, 7 and 16 ids is the top-k of the whole score row."""
+    rec = Recommender.from_checkpoint(str(trained))
+    seqs = build_sequences(read_interactions(str(data_file)))
+    spans = [slice(seqs.offsets[u], seqs.offsets[u + 1]) for u in range(4)]
+    histories = [[seqs.item_ids[i - 1] for i in seqs.items[s]] for s in spans]
+    times = [seqs.times[s].tolist() for s in spans]
+    whole = rec.recommend(histories, k=12, exclude_seen=exclude_seen, times=times)
+    for chunk in (1, 7, 16):
+        chunked = rec.recommend(histories, k=12, exclude_seen=exclude_seen, times=times, item_chunk=chunk)
+        # the same items in the same order; scores to rounding (a product's slice may round differently)
+        assert [[item for item, _ in row] for row in chunked] == [[item for item, _ in row] for row in whole]
+        for row, expected in zip(chunked, whole):
+            assert [s for _, s in row] == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert len(rec.item_ids) + 1 <= 65536  # so `whole` is one product
+
+
 def test_unknown_ids_warn_or_fail(trained):
     rec = Recommender.from_checkpoint(str(trained))
     known = rec.item_ids[:3]
