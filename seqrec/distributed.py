@@ -1,7 +1,7 @@
 """Every torch.distributed call in the project lives here.
 
 A run is distributed exactly when torchrun (or another launcher) has set WORLD_SIZE
-in the environment; plain ``python main.py`` is one process and all helpers below
+and RANK in the environment; plain ``python main.py`` is one process and all helpers below
 degrade to no-ops, so the trainer is written once for any world size.
 """
 from __future__ import annotations

@@ -88,6 +88,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "torchscript") ->
         try:
             torch.testing.assert_close(load_exported(out, fmt)(*probe), scorer(*probe), **TOLERANCE)
         except AssertionError as err:
+            out.unlink()  # a file whose scores are wrong is not kept
             raise ExportError(f"{out}: exported scores differ from the model's: {str(err).splitlines()[0]}") from None
     sidecar = sidecar_path(out)
     sidecar.write_text(json.dumps({

@@ -99,5 +99,6 @@ def test_export_refuses_a_wrong_trace_and_bad_input(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(ex, "load_exported", lambda path, fmt: lambda items: torch.zeros(len(items), 41))
     with pytest.raises(ex.ExportError, match="differ"):
         ex.export(checkpoint, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.pt.json").exists()  # nothing wrong is kept
     assert console(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err

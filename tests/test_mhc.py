@@ -216,6 +216,25 @@ def test_composite_gain():
     assert abs(gain["mhc/gain_row"] - 1) < 1e-5 and gain["mhc/gain_col"] < 1.1
 
 
+@pytest.mark.parametrize("model_cls", [SASRec, TiSASRec])
+def test_composite_gain_reads_only_real_tokens(model_cls):
+    """The gain of a padded batch is the largest of its rows' gains, each row cut to its own
+    history (no padding at all): padded tokens (which SASRec's layers see rotated to the end
+    of a row) never count."""
+    _, model = plain_and_mhc(model_config(4, time=model_cls is TiSASRec), model_cls)
+    with torch.no_grad():  # strongly token-dependent H_res
+        for layer in model.layers:
+            layer.alpha.fill_(1.0)
+    items = left_padded([9, 5, 2])  # every row padded (a full row would hold the maximum here)
+    times = (1_600_000_000 + torch.randint(0, 240, items.shape).cumsum(1)) * (items != 0)
+    lengths = (items != 0).sum(1).tolist()
+    rows = [composite_gain(model, {"items": items[r:r + 1, -n:], "times": times[r:r + 1, -n:]})
+            for r, n in enumerate(lengths)]
+    gain = composite_gain(model, {"items": items, "times": times})
+    for key in gain:
+        assert gain[key] == pytest.approx(max(row[key] for row in rows), abs=1e-6)
+
+
 def test_stream_expand_and_collapse():
     stream = HyperStream(model_config(4))
     x = torch.randn(2, 5, 16)

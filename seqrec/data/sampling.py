@@ -1,6 +1,6 @@
 """Counter-based negative sampling on the device.
 
-Each negative is a pure function of (seed, stream, user, slot, attempt) through a
+Each negative is a pure function of (seed, stream, epoch, user, slot, attempt) through a
 splitmix64 hash, instead of a draw from a stateful generator. That makes the
 negatives independent of batch size, batch order, the number of ranks and of any
 RNG state a resume would have to restore, and lets a batch be sampled in a handful

@@ -233,7 +233,8 @@ class HyperStream(nn.Module):
 
 @torch.no_grad()
 def composite_gain(model: nn.Module, batch: dict) -> dict[str, float]:
-    """Gain of the product of H_res over all mHC blocks, max over the batch's real tokens.
+    """Gain of the product of H_res over all mHC blocks, max over the batch's real tokens
+    (`model.real_slots`: in the layers' order, which for SASRec is rotated).
 
     Returns the largest absolute row sum (forward gain: the most any stream can be
     amplified) and column sum (backward gain) of H_res^(L)···H_res^(1). Doubly stochastic
@@ -251,5 +252,5 @@ def composite_gain(model: nn.Module, batch: dict) -> dict[str, float]:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    product = functools.reduce(lambda acc, h: h @ acc, h_res)[batch["items"] != 0].abs()
+    product = functools.reduce(lambda acc, h: h @ acc, h_res)[model.real_slots(batch["items"])].abs()
     return {"mhc/gain_row": product.sum(-1).max().item(), "mhc/gain_col": product.sum(-2).max().item()}

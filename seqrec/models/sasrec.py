@@ -145,6 +145,11 @@ class SASRec(nn.Module):
         back = (slots - padding) % width  # column -> slot
         return hidden.gather(1, back[..., None].expand(-1, -1, hidden.shape[-1]))
 
+    def real_slots(self, items: torch.Tensor) -> torch.Tensor:
+        """Which slots of the layers' [B, W] inputs hold items (the rest is padding): the
+        first ones of each row, which `forward` rotated to the front."""
+        return torch.arange(items.shape[1], device=items.device) < (items != 0).sum(1, keepdim=True)
+
     def score(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Dot products of hidden [..., d] with items [...] (broadcasting; pass hidden[..., None, :]
         to score k candidates per position)."""

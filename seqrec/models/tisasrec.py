@@ -10,9 +10,10 @@ tensors per layer. Because r takes only time_span + 1 = S + 1 values, the same n
 come from [B, h, L, S + 1] tensors:
     q_i . rK[r_ij]            = (q_i rK^T)[r_ij]                 a gather,
     sum_j a_ij rV[r_ij]       = (sum_j a_ij onehot(r_ij)) rV     a scatter-add, then a matmul,
-so memory is O(B h L (L + S)) instead of O(B L^2 d). Key positions are the slots 1..L (as
-SASRec.embed counts them), so pK, pV are the first L rows of their tables, added to k, v
-before the matmuls; padded keys are masked, so the rows they would use do not matter.
+so memory is O(B h L (L + S)) instead of O(B L^2 d). Key positions are counted so that the
+last column is always position maxlen (as SASRec.embed counts them), so a width-W input
+uses the last W rows of pK, pV (see `table`), added to k, v before the matmuls; padded keys
+are masked, so the rows they would use do not matter.
 Measured on the 2-core CPU (B=128, d=50, h=2, L=200), none of these was faster than this
 form: one matmul of q with [k + pK; rK] or of [a | sum a onehot] with [v + pV; rV] (the
 concatenations copy), a flat take/index_add instead of gather/scatter_add, masking through
@@ -110,6 +111,10 @@ class TiSASRec(SASRec):
         """Hidden states of the left-padded rows as they are: the interval and position tables
         are indexed by column, so the rows are not rotated as in SASRec.forward."""
         return self.encode(self.embed(batch["items"]), self.context(batch))
+
+    def real_slots(self, items: torch.Tensor) -> torch.Tensor:
+        """The layers see the rows unrotated: their items are where the input's are."""
+        return items != 0
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:
         """Item embedding x sqrt(d), dropout, padding zeroed; no absolute positions (see pK, pV)."""
