@@ -1,6 +1,7 @@
 """Shared fixtures: small generated datasets and a fast config."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,19 @@ def _deterministic_single_thread():
     yield
     torch.use_deterministic_algorithms(False)
     torch.set_num_threads(threads)
+
+
+# An L2 term on the item embedding for equivalence tests: Adam's update ignores a constant
+# scale of the gradient, but not of the data gradient beside this term, so a scaling bug
+# (an extra 1/accum, a wrong world-size factor, summed instead of averaged ranks) changes
+# the trained embedding.
+SCALE_SENSITIVE = {"train__l2_emb": 1e-3}
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """The epoch losses a run logged (metrics.jsonl train rows)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["type"] == "train"]
 
 
 def assert_close_parameters(a: dict, b: dict, rtol: float) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import assert_close_parameters, small_config, write_interactions
+from conftest import SCALE_SENSITIVE, assert_close_parameters, small_config, train_losses, write_interactions
 from seqrec import checkpoint as ckpt
 from seqrec.cli import run
 from seqrec.distributed import become_local_rank, free_port
@@ -28,13 +28,14 @@ def _rank_main(rank, world, port, cfg):
 def test_two_ranks_equal_one_process(tmp_path, num_users, batch_size, accum):
     data_file = write_interactions(tmp_path / "toy.txt", num_users=num_users)
     kw = dict(train__num_epochs=2, train__batch_size=batch_size, train__grad_accum_steps=accum,
-              model__dropout_rate=0.0, train__eval_every=1)
+              model__dropout_rate=0.0, train__eval_every=1, **SCALE_SENSITIVE)
     single = run(small_config(data_file, tmp_path / "one", **{**kw, "train__grad_accum_steps": 1}))
     cfg = small_config(data_file, tmp_path / "two", dist__multi_gpu=True, **kw)
     mp.start_processes(_rank_main, args=(2, free_port(), cfg), nprocs=2, start_method="spawn")
     a, b = ckpt.load(tmp_path / "one" / "latest.pt"), ckpt.load(tmp_path / "two" / "latest.pt")
     assert a["step"] == b["step"]
     assert_close_parameters(a["model"], b["model"], 1e-5)  # float32: only summation order differs
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
     assert_metrics_close(single, json.loads((tmp_path / "two" / "results.json").read_text()))
 
 
