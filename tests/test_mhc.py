@@ -124,6 +124,38 @@ def block_pair(n: int, norm_first: bool, gate: float) -> tuple[Residual, MHCResi
     return Residual(sublayer, 16, norm_first), MHCResidual(sublayer, cfg)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("n", [2, 4])
+def test_block_equals_the_definition_token_by_token(n, norm_first):
+    """The block on distinct streams with random coefficient parameters equals the paper's
+    formula evaluated one token at a time in float64: RMSNorm of the flattened streams,
+    H̃ = α·(x⃗'φ) + b, H_pre = σ, H_post = 2σ, H_res = Sinkhorn (unrolled), then
+    H_res·x + H_postᵀ·F(H_pre·x), with the LayerNorm where each order puts it."""
+    _, block = block_pair(n, norm_first, 0.01)
+    block = block.double()
+    with torch.no_grad():
+        block.alpha.copy_(torch.tensor([0.7, 1.3, 1.0]))
+        block.static.normal_()
+    x = torch.randn(2, 5, n, 16, dtype=torch.float64)
+    out = block(x, {})
+    phi, alpha, static = block.phi.detach(), block.alpha.detach(), block.static.detach()
+    scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    with torch.no_grad():
+        for b in range(2):
+            for t in range(5):
+                streams = x[b, t]  # [n, C]
+                flat = streams.flatten()
+                logits = scale * ((flat / (flat.square().mean() + 1e-6).sqrt()) @ phi) + static
+                h_pre, h_post = torch.sigmoid(logits[:n]), 2 * torch.sigmoid(logits[n:2 * n])
+                h_res = unrolled_sinkhorn(logits[2 * n:].view(n, n), block.iters)
+                branch = h_pre @ streams
+                f = block.sublayer(block.norm(branch) if norm_first else branch, {})
+                expected = h_res @ streams + h_post[:, None] * f[None, :]
+                if not norm_first:
+                    expected = block.norm(expected)
+                torch.testing.assert_close(out[b, t], expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("n", RATES)
 def test_coefficient_ranges(n):
     _, block = block_pair(n, False, 0.01)
@@ -262,11 +294,21 @@ def test_gradients_reach_every_mhc_parameter(norm_first):
 
 @pytest.mark.parametrize("no_amp", [False, True])
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_bf16_autocast_is_finite(norm_first, no_amp):
+def test_bf16_autocast_is_finite(norm_first, no_amp, monkeypatch):
+    """Finite under bf16 autocast; the stream stays fp32 in both modes (the H_post update
+    promotes), and the mixing product H·x runs in bf16 unless --mhc_no_amp keeps it fp32."""
     torch.manual_seed(0)
     model = SASRec(model_config(4, norm_first, dropout_rate=0.2, mhc_no_amp=no_amp), NUM_ITEMS).train()
-    dtypes = []
-    hooks = [layer.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype)) for layer in model.layers]
+    streams, mixing = [], []
+    einsum = torch.einsum
+
+    def recording_einsum(*args):
+        out = einsum(*args)
+        mixing.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch, "einsum", recording_einsum)
+    hooks = [layer.register_forward_hook(lambda m, args, out: streams.append(out.dtype)) for layer in model.layers]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = bce(model, left_padded([12, 9, 5]))
     loss.backward()
@@ -274,8 +316,8 @@ def test_bf16_autocast_is_finite(norm_first, no_amp):
         hook.remove()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    if no_amp:
-        assert set(dtypes) == {torch.float32}
+    assert set(streams) == {torch.float32}
+    assert len(mixing) == len(model.layers) and set(mixing) == {torch.float32 if no_amp else torch.bfloat16}
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
