@@ -38,19 +38,22 @@ def test_one_pass_count_filter():
     assert seqs.lengths.tolist() == [4, 2]
 
 
-def test_leave_one_out_never_leaks_target(data_file):
+@pytest.mark.parametrize("maxlen", [50, 10])  # 10: most toy users (5-30 items) are cut to their last items
+def test_leave_one_out_never_leaks_target(data_file, maxlen):
     seqs = build_sequences(read_interactions(str(data_file)))
-    data = SequenceTensors(seqs, maxlen=50, device="cpu", eval_negatives=10)
+    data = SequenceTensors(seqs, maxlen=maxlen, device="cpu", eval_negatives=10)
+    assert (seqs.lengths > maxlen + 3).any() == (maxlen == 10)
     for u in range(seqs.num_users):
-        full = seqs.items[seqs.offsets[u]:seqs.offsets[u + 1]]
-        train_window = data.train_items[u][data.train_items[u] != 0].tolist()
-        assert train_window == full[:-2].tolist()[-51:]
+        span = slice(seqs.offsets[u], seqs.offsets[u + 1])
+        real = data.train_items[u] != 0
+        assert data.train_items[u][real].tolist() == seqs.items[span][:-2].tolist()[-(maxlen + 1):]
+        assert data.train_times[u][real].tolist() == seqs.times[span][:-2].tolist()[-(maxlen + 1):]
     valid, test = data.splits["valid"], data.splits["test"]
     for row, u in enumerate(valid.users.tolist()):
         full = seqs.items[seqs.offsets[u]:seqs.offsets[u + 1]].tolist()
         assert valid.targets[row].item() == full[-2] and test.targets[row].item() == full[-1]
-        assert valid.items[row][valid.items[row] != 0].tolist() == full[:-2][-50:]
-        assert test.items[row][test.items[row] != 0].tolist() == full[:-1][-50:]
+        assert valid.items[row][valid.items[row] != 0].tolist() == full[:-2][-maxlen:]
+        assert test.items[row][test.items[row] != 0].tolist() == full[:-1][-maxlen:]
         # sampled negatives exclude everything the user ever interacted with
         assert not set(valid.negatives[row].tolist()) & set(full)
         assert not set(test.negatives[row].tolist()) & set(full)

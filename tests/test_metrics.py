@@ -52,6 +52,18 @@ def make_split(targets, negatives, history_items):
                      history=torch.tensor(keys, dtype=torch.long))
 
 
+def test_sampled_hit_rate_cuts_at_ten():
+    """12 sampled negatives: user 0 has 10 above its target (rank 10: a miss), user 1 has 8
+    above and 1 tied (pessimistic rank 9: a hit at the last slot)."""
+    targets, negatives = [1, 1], [list(range(2, 14))] * 2
+    table = [[0.0, 0.0] + [1.0] * 10 + [-1.0] * 2,
+             [0.0, 0.0] + [1.0] * 8 + [0.0] + [-1.0] * 3]
+    split = make_split(targets, negatives, history_items=[[], []])
+    m = evaluate(FixedScores(table), split, EvalConfig(), num_items=13, protocols=("sampled",))
+    assert m["sampled/HR@10"] == pytest.approx(0.5)
+    assert m["sampled/NDCG@10"] == pytest.approx(1 / math.log2(11) / 2)
+
+
 @pytest.mark.parametrize("chunk", [65536, 4, 2])  # one chunk; ids 0-3 + 4-5; three chunks of 2
 def test_evaluate_both_protocols_by_hand(chunk):
     # 5 items (ids 1..5, column 0 = padding). User 0: target 2 ranks first among all.
@@ -61,8 +73,7 @@ def test_evaluate_both_protocols_by_hand(chunk):
     split = make_split(targets=[2, 3], negatives=[[1, 3], [2, 5]], history_items=[[1], [1, 5]])
     cfg = EvalConfig(topk=[1, 5], eval_batch_size=1, eval_item_chunk=chunk)
     m = evaluate(FixedScores(table), split, cfg, num_items=5)
-    # sampled: user 0 rank 0, user 1 rank 1 (item 5 above, item 2 below)
-    assert m["sampled/HR@10"] == pytest.approx(1.0)
+    # sampled: user 0 rank 0, user 1 rank 1 (item 5 above, item 2 below); HR@10's cut-off: below
     assert m["sampled/NDCG@10"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
     # full: padding column (score 9) must be ignored; ranks 0 and 3
     assert m["full/Recall@1"] == pytest.approx(0.5)

@@ -4,6 +4,7 @@ import torch
 from seqrec.config import ModelConfig
 from seqrec.models import SASRec, build_model
 from seqrec.models.attention import attention_mask
+from seqrec.models.dropout import Dropout
 
 
 def make_model(norm_first, **kw):
@@ -111,3 +112,15 @@ def test_input_without_its_padding_columns_gives_the_same_outputs(norm_first, ti
     cut = model({"items": items[:, -7:], "times": times[:, -7:]})
     valid = items[:, -7:] != 0
     assert torch.allclose(full[:, -7:][valid], cut[valid], atol=1e-6)
+
+
+def test_dropout_keeps_one_minus_p_scaled_up_and_is_the_identity_in_eval():
+    """The CPU mask (thresholded uniform noise) is Bernoulli(1 - p) with the 1/(1 - p) scale."""
+    torch.manual_seed(0)
+    dropout, x = Dropout(0.3), torch.ones(400, 500)
+    y = dropout(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=5e-3)  # 200k draws: sd 1e-3
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.7))
+    assert not torch.equal(dropout(x), y)  # a fresh mask per call
+    assert torch.equal(dropout.eval()(x), x)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import small_config
 from seqrec.cli import console, run
-from seqrec.data import build_sequences, read_interactions
+from seqrec.data import SequenceTensors, build_sequences, read_interactions
 from seqrec.serve import Recommender
 
 
@@ -51,6 +51,21 @@ def test_chunked_top_k_equals_one_product(trained, data_file, exclude_seen):
         for row, expected in zip(chunked, whole):
             assert [s for _, s in row] == pytest.approx([s for _, s in expected], abs=1e-5)
     assert len(rec.item_ids) + 1 <= 65536  # so `whole` is one product
+
+
+def test_encoded_histories_are_the_evaluation_inputs(trained, data_file):
+    """Serving a user's history minus its last item builds exactly the test split's input
+    (ids mapped, last maxlen kept, left-padded, timestamps aligned), for short and long users."""
+    rec = Recommender.from_checkpoint(str(trained))
+    seqs = build_sequences(read_interactions(str(data_file)))
+    test = SequenceTensors(seqs, rec.maxlen, "cpu").splits["test"]
+    users = test.users.tolist()
+    assert (seqs.lengths[users] > rec.maxlen + 1).any() and (seqs.lengths[users] < rec.maxlen).any()
+    for row, u in enumerate(users):
+        span = slice(seqs.offsets[u], seqs.offsets[u + 1] - 1)
+        history, times = [seqs.item_ids[i - 1] for i in seqs.items[span]], seqs.times[span].tolist()
+        batch = rec._encode([history], [times], strict=True)
+        assert torch.equal(batch["items"][0], test.items[row]) and torch.equal(batch["times"][0], test.times[row])
 
 
 def test_unknown_ids_warn_or_fail(trained):

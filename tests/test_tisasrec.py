@@ -172,6 +172,22 @@ def test_single_item_row_and_query_without_visible_key_stay_finite():
     assert torch.isfinite(x.grad).all()
 
 
+def test_table_dropout_drops_table_elements_in_training_only():
+    """pK, pV, rK, rV elements are dropped (with the 1/(1-p) scale) in training, and the
+    attention output then changes; evaluation reads the tables as they are."""
+    model = make_model(True, dropout=0.3)
+    attention = model.layers[0].sublayer
+    table = attention.table(attention.interval_k, attention.interval_k.num_embeddings)
+    assert torch.equal(table, attention.interval_k.weight.view(-1, 2, DIM // 2).transpose(0, 1))
+    batch = make_batch([10, 4])
+    expected = model(batch)
+    attention.train()
+    dropped = attention.table(attention.interval_k, attention.interval_k.num_embeddings)
+    zeros = (dropped == 0).float().mean().item()
+    assert 0.1 < zeros < 0.5 and torch.allclose(dropped[dropped != 0], table[dropped != 0] / 0.7)
+    assert not torch.allclose(model(batch), expected)  # only layer 0's attention is in training mode
+
+
 def test_every_parameter_is_trained():
     """No unused parameter (DistributedDataParallel would fail): positions live in the layers.
     Trained with every dropout on (outputs, tables, attention weights)."""
