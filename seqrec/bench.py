@@ -161,6 +161,36 @@ def label(row: dict) -> str:
     return f"{row['variant']} n={row['expansion_rate']}" if row["mhc"] else row["variant"]
 
 
+def mhc_parts(tokens: int, n: int = 4, dim: int = 50, repeats: int = 10) -> dict[str, float]:
+    """CPU milliseconds of each part of one mHC sub-layer, forward + backward, on `tokens` tokens
+    of random data (the parts as MHCResidual computes them, each timed alone)."""
+    from .models.mhc import _RMSProjection, sinkhorn
+    x = torch.randn(tokens, n, dim, requires_grad=True)
+    phi = torch.randn(n * dim, 2 * n + n * n, requires_grad=True)
+    logits = torch.randn(n, n, tokens)
+    mixing = torch.rand(tokens, n + 1, n, requires_grad=True)
+    h_post, out = torch.rand(tokens, n, requires_grad=True), torch.randn(tokens, dim, requires_grad=True)
+    norm = torch.nn.LayerNorm(dim)
+    parts = {
+        "projection + RMS norm": lambda: _RMSProjection.apply(x.view(tokens, -1), phi),
+        "Sinkhorn": lambda: sinkhorn(logits.requires_grad_().permute(2, 0, 1), 20),
+        "mixing product": lambda: torch.einsum("...kn,...nc->...kc", mixing, x),
+        "H_post update": lambda: torch.addcmul(x, h_post[..., None], out[..., None, :]),
+        "n-stream LayerNorm": lambda: norm(x),
+        "plain LayerNorm": lambda: norm(out),
+    }
+    result = {}
+    for name, part in parts.items():
+        times = []
+        for _ in range(repeats + 2):
+            start = time.process_time()
+            y = part()
+            y.backward(torch.ones_like(y))  # a dense gradient, as in training (sum()'s is a stride-0 view)
+            times.append(time.process_time() - start)
+        result[name] = 1000 * statistics.median(times[2:])
+    return result
+
+
 def table(rows: list[dict]) -> str:
     """Markdown rows; 'x SASRec' is the step-time ratio to SASRec of the same size and
     length buckets in this run."""
@@ -223,10 +253,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads per case (0 = torch's default: all cores)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
     parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
+    parser.add_argument("--mhc_parts", type=int, metavar="TOKENS",
+                        help="only time each part of one mHC sub-layer (n = the first --expansion_rates, d=50) "
+                             "on TOKENS tokens, forward + backward, CPU ms")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_case(json.loads(args.worker))))
+        return 0
+    if args.mhc_parts:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        n = int(args.expansion_rates.split(",")[0])
+        for name, ms in mhc_parts(args.mhc_parts, n).items():
+            print(f"{name:24s} {ms:8.2f} ms")
         return 0
     sizes = args.sizes.split(",") if args.sizes else (["seed"] if args.quick else list(SIZES))
     steps = args.steps or (6 if args.quick else 15)

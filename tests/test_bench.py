@@ -34,3 +34,10 @@ def bench_small():
     rng = np.random.default_rng(0)
     return Sequences(np.arange(20).astype(str), np.arange(1, 31).astype(str), offsets,
                      rng.integers(1, 31, offsets[-1]), np.arange(offsets[-1]) * 60)
+
+
+def test_mhc_parts_times_every_part():
+    parts = bench.mhc_parts(tokens=64, n=2, dim=8, repeats=1)
+    assert set(parts) == {"projection + RMS norm", "Sinkhorn", "mixing product", "H_post update",
+                          "n-stream LayerNorm", "plain LayerNorm"}
+    assert all(ms >= 0 for ms in parts.values())
