@@ -71,7 +71,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    train_dir: str | None = opt(None, "run directory for config, metrics and checkpoints (default: runs/<dataset name or data file stem>)")
+    train_dir: str | None = opt(None, "run directory for config, metrics and checkpoints "
+                                      "(default: runs/<dataset name or data file stem>)")
     batch_size: int = opt(128, "global batch size (users per step, split evenly over ranks)")
     grad_accum_steps: int = opt(1, "micro-batches per rank and step (the global batch stays --batch_size)")
     length_buckets: int = opt(0, "split each micro-batch into this many groups of similar history length, each cut "
