@@ -127,6 +127,23 @@ def table(rows: list[Row], out: Path, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def full_ranking_table(out: Path, seeds: list[int]) -> str:
+    """Test full-ranking NDCG@10 of each model and LayerNorm order under BCE (its checkpoint
+    selected on sampled NDCG@10) and under CE (selected on full NDCG@10), where both ran."""
+    def test_ndcg(row: str) -> list[float]:
+        paths = [out / row / f"seed{seed}" / "results.json" for seed in seeds]
+        return [json.loads(p.read_text())["test"]["full/NDCG@10"] for p in paths if p.exists()]
+
+    lines = ["| model | LN | BCE: test full NDCG@10 | CE: test full NDCG@10 | CE / BCE |", "|---|---|---|---|---|"]
+    for model in MODELS:
+        for norm in NORMS:
+            bce, ce = test_ndcg(f"{model}-{norm}-bce"), test_ndcg(f"{model}-{norm}-ce")
+            if bce and ce:
+                lines.append(f"| {model} | {norm} | {_spread(bce)} | {_spread(ce)} "
+                             f"| {statistics.fmean(ce) / statistics.fmean(bce):.2f}x |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="Arguments after `--` go to every main.py run.")
@@ -161,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in seeds for row in rows if not (args.out / row.name / f"seed{seed}" / "results.json").exists()]
         run_all(jobs, args.parallel, args.threads)
     text = table(rows, args.out, seeds)
+    full = full_ranking_table(args.out, seeds)
+    if full:
+        text += "\nFull ranking, BCE vs CE:\n\n" + full
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text)
     print(text)

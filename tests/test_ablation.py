@@ -28,11 +28,11 @@ def test_runs_resumes_and_tabulates(tmp_path, capsys):
     ratings = tmp_path / "ratings.dat"
     ratings.write_text("".join(f"{u}::{i}::5::{t}\n" for u, i, t in (line.split() for line in toy.read_text().split("\n") if line)))
     out = tmp_path / "ablation"
-    args = ["--ratings", str(ratings), "--out", str(out), "--rows", "sasrec-post-bce,tisasrec+mhc-pre-ce",
+    args = ["--ratings", str(ratings), "--out", str(out), "--rows", "sasrec-post-bce,sasrec-post-ce,tisasrec+mhc-pre-ce",
             "--seeds", "1,2", "--epochs", "2", "--eval_every", "1", "--parallel", "2", "--threads", "1", *TINY]
     assert ablation.main(args) == 0
     first = capsys.readouterr().out
-    assert first.count("done") == 4 and "FAILED" not in first
+    assert first.count("done") == 6 and "FAILED" not in first
     lines = (out / "table.md").read_text().splitlines()
     sasrec = next(line for line in lines if line.startswith("| sasrec-post-bce "))
     cells = [c.strip() for c in sasrec.split("|")[1:-1]]
@@ -40,6 +40,11 @@ def test_runs_resumes_and_tabulates(tmp_path, capsys):
     seeds = [ablation.summarise(out / "sasrec-post-bce" / f"seed{s}", "bce")["ndcg"] for s in (1, 2)]
     assert float(cells[6].split(" ± ")[0]) == pytest.approx(sum(seeds) / 2, abs=1e-4)
     assert any(line.startswith("| tisasrec+mhc-pre-ce | ml1m | full | 2 ") for line in lines)
+    full = [line for line in lines if line.startswith("| sasrec | post |")]  # the only model with both losses
+    assert len(full) == 1
+    bce, ce = ([ablation.json.loads((out / row / f"seed{s}" / "results.json").read_text())["test"]["full/NDCG@10"]
+                for s in (1, 2)] for row in ("sasrec-post-bce", "sasrec-post-ce"))
+    assert full[0].endswith(f"| {sum(ce) / sum(bce):.2f}x |")
 
     assert ablation.main(args) == 0  # everything finished: nothing is rerun
     assert "$ " not in capsys.readouterr().out
