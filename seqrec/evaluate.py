@@ -42,9 +42,9 @@ def _batches(split: EvalSplit, shard: range, batch_size: int):
         yield batch
 
 
-def _mask_history(scores: torch.Tensor, split: EvalSplit, users: torch.Tensor, num_items: int, start: int) -> None:
-    """Set the scores of each user's input items to -inf in a chunk of item ids starting at
-    `start` (variable-length, gathered from sorted keys)."""
+def _history(split: EvalSplit, users: torch.Tensor, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch row, item id) of every input item of the batch's users (variable-length, gathered
+    from the sorted keys user * (num_items + 1) + item)."""
     width = num_items + 1
     lo = torch.searchsorted(split.history, users * width)
     hi = torch.searchsorted(split.history, (users + 1) * width)
@@ -52,7 +52,13 @@ def _mask_history(scores: torch.Tensor, split: EvalSplit, users: torch.Tensor, n
     rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
     first = torch.repeat_interleave(lo - (counts.cumsum(0) - counts), counts)
     keys = split.history[torch.arange(rows.numel(), device=users.device) + first]
-    cols = keys - users[rows] * width - start
+    return rows, keys - users[rows] * width
+
+
+def mask_items(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor, start: int) -> None:
+    """Set scores[row, item - start] to -inf for the (row, item id) pairs whose id falls in the
+    chunk of ids [start, start + scores.shape[1])."""
+    cols = items - start
     inside = (cols >= 0) & (cols < scores.shape[1])
     scores[rows[inside], cols[inside]] = float("-inf")
 
@@ -73,6 +79,7 @@ def _full_ranks(model: nn.Module, hidden: torch.Tensor, batch: dict, split: Eval
     chunks = [slice(start, min(start + cfg.eval_item_chunk, width)) for start in range(0, width, cfg.eval_item_chunk)]
     # For each chunk, the rows whose target lies in it.
     targets_in = [((target >= c.start) & (target < c.stop)).nonzero()[:, 0] for c in chunks]
+    history = _history(split, batch["users"], num_items) if cfg.mask_history else None
     one = model.score_all(hidden).float() if len(chunks) == 1 else None
     if one is not None:
         target_score = one.gather(1, target[:, None])[:, 0]
@@ -85,8 +92,8 @@ def _full_ranks(model: nn.Module, hidden: torch.Tensor, batch: dict, split: Eval
         scores = one if one is not None else model.score_all(hidden, items).float()
         if items.start == 0:
             scores[:, 0] = float("-inf")  # padding
-        if cfg.mask_history:
-            _mask_history(scores, split, batch["users"], num_items, items.start)
+        if history is not None:
+            mask_items(scores, *history, items.start)
         scores[rows, target[rows] - items.start] = float("-inf")
         ranks += pessimistic_rank(target_score, scores)
     return ranks

@@ -42,8 +42,8 @@ def device_name(device: torch.device) -> str:
     return f"CPU {os.cpu_count()} cores ({platform.machine()})"
 
 
-def record_start(run_dir: Path, step: int, device: torch.device) -> dict:
-    """Append this (re)start's provenance to RUN_DIR/runs.jsonl (rank 0) and return it."""
+def record_start(run_dir: Path, step: int, device: torch.device) -> None:
+    """Append this (re)start's provenance to RUN_DIR/runs.jsonl (rank 0)."""
     row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": step,
            "code": code_version(), "torch": torch.__version__, "python": platform.python_version(),
            "device": device_name(device), "threads": torch.get_num_threads(), "world_size": dist.world_size(),
@@ -51,7 +51,6 @@ def record_start(run_dir: Path, step: int, device: torch.device) -> dict:
     if dist.is_main():
         with open(run_dir / FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
-    return row
 
 
 def code_versions(run_dir: Path) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, from_dict
+from .evaluate import mask_items
 from .models import build_model
 
 
@@ -83,15 +84,18 @@ class Recommender:
         top k joins the running top k, so only [B, chunk] scores exist at a time. Padding
         (id 0) and the `seen` ids [B, L] (0 = none) score -inf."""
         width = len(self.item_ids) + 1
+        pairs = None  # (row, item id) of every seen item, found once for all chunks
+        if seen is not None:
+            rows, slots = seen.nonzero(as_tuple=True)  # 0 is padding, not an item
+            pairs = rows, seen[rows, slots]
         values = hidden.new_empty(len(hidden), 0, dtype=torch.float32)
         indices = torch.empty(len(hidden), 0, dtype=torch.long, device=hidden.device)
         for start in range(0, width, chunk):
             scores = self.model.score_all(hidden, slice(start, min(start + chunk, width))).float()
             if start == 0:
                 scores[:, 0] = float("-inf")
-            if seen is not None:
-                rows, cols = (seen >= start).logical_and(seen < start + scores.shape[1]).nonzero(as_tuple=True)
-                scores[rows, seen[rows, cols] - start] = float("-inf")
+            if pairs is not None:
+                mask_items(scores, *pairs, start)
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             values, indices = torch.cat([values, top.values], 1), torch.cat([indices, top.indices + start], 1)
             keep = values.topk(min(k, values.shape[1]), dim=1)
