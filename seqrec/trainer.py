@@ -31,7 +31,7 @@ from .monitor import EpochMonitor, describe
 from .schedule import lr_at
 
 # Model fields a resumed run may change without changing the parameters' meaning.
-RESUMABLE_MODEL_CHANGES = {"dropout_rate", "attention_dropout", "mhc_no_amp"}
+RESUMABLE_MODEL_CHANGES = {"dropout_rate", "attention_dropout", "mhc_no_amp", "mhc_native"}
 
 
 class TrainingError(RuntimeError):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from seqrec.config import ModelConfig
+from seqrec.models import native as native_kernels
 from seqrec.models.mhc import HyperStream, MHCResidual, composite_gain, sinkhorn
 from seqrec.models.sasrec import FeedForward, Residual, SASRec
 from seqrec.models.tisasrec import TiSASRec
@@ -116,27 +117,37 @@ def test_sinkhorn_custom_backward(n):
 
 # ------------------------------------------------------------------ one block
 
-def block_pair(n: int, norm_first: bool, gate: float) -> tuple[Residual, MHCResidual]:
+def block_pair(n: int, norm_first: bool, gate: float, native: bool = True) -> tuple[Residual, MHCResidual]:
     """A plain residual block and an mHC block wrapping the very same sub-layer."""
     torch.manual_seed(0)
     sublayer = FeedForward(16, 0.0)
-    cfg = model_config(n, norm_first, mhc_init_gate=gate)
+    cfg = model_config(n, norm_first, mhc_init_gate=gate, mhc_native=native)
     return Residual(sublayer, 16, norm_first), MHCResidual(sublayer, cfg)
 
 
+def check_path(block: MHCResidual, x: torch.Tensor, native: bool) -> None:
+    """The block takes the path a test names (the compiled kernel needs a C compiler)."""
+    if native and native_kernels.library(x.dtype) is None:
+        pytest.skip("no C compiler for the mHC kernel")
+    assert block.runs_native(x) == native
+
+
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("n", [2, 4])
-def test_block_equals_the_definition_token_by_token(n, norm_first):
+def test_block_equals_the_definition_token_by_token(n, norm_first, native):
     """The block on distinct streams with random coefficient parameters equals the paper's
     formula evaluated one token at a time in float64: RMSNorm of the flattened streams,
     H̃ = α·(x⃗'φ) + b, H_pre = σ, H_post = 2σ, H_res = Sinkhorn (unrolled), then
-    H_res·x + H_postᵀ·F(H_pre·x), with the LayerNorm where each order puts it."""
-    _, block = block_pair(n, norm_first, 0.01)
+    H_res·x + H_postᵀ·F(H_pre·x), with the LayerNorm where each order puts it. Both the
+    compiled CPU kernel and the PyTorch path (what CUDA runs)."""
+    _, block = block_pair(n, norm_first, 0.01, native)
     block = block.double()
     with torch.no_grad():
         block.alpha.copy_(torch.tensor([0.7, 1.3, 1.0]))
         block.static.normal_()
     x = torch.randn(2, 5, n, 16, dtype=torch.float64)
+    check_path(block, x, native)
     out = block(x, {})
     phi, alpha, static = block.phi.detach(), block.alpha.detach(), block.static.detach()
     scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
@@ -171,12 +182,15 @@ def test_coefficient_ranges(n):
     # Columns: see the Sinkhorn tests (near-permutation matrices, as here, converge slowly).
 
 
-def test_block_backward_gradcheck():
-    """The whole block in float64: the RMS-normalised projection's hand-written backward
-    together with everything autograd does around it."""
-    _, block = block_pair(3, True, 0.5)
+@pytest.mark.parametrize("native", [True, False])
+def test_block_backward_gradcheck(native):
+    """The whole block in float64: the hand-written backwards (the compiled kernel's, or
+    the RMS-normalised projection's and Sinkhorn's) together with everything autograd
+    does around them."""
+    _, block = block_pair(3, True, 0.5, native)
     block = block.double()
     x = torch.randn(2, 3, 3, 16, dtype=torch.float64, requires_grad=True)
+    check_path(block, x, native)
     params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()
               if name in ("phi", "alpha", "static")}
 
@@ -296,9 +310,12 @@ def test_gradients_reach_every_mhc_parameter(norm_first):
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_bf16_autocast_is_finite(norm_first, no_amp, monkeypatch):
     """Finite under bf16 autocast; the stream stays fp32 in both modes (the H_post update
-    promotes), and the mixing product H·x runs in bf16 unless --mhc_no_amp keeps it fp32."""
+    promotes), and the mixing product H·x runs in bf16 unless --mhc_no_amp keeps it fp32.
+    On the PyTorch path, whose einsum can be watched (the compiled kernel under
+    --mhc_no_amp: tests/test_mhc_native.py)."""
     torch.manual_seed(0)
-    model = SASRec(model_config(4, norm_first, dropout_rate=0.2, mhc_no_amp=no_amp), NUM_ITEMS).train()
+    model = SASRec(model_config(4, norm_first, dropout_rate=0.2, mhc_no_amp=no_amp, mhc_native=False),
+                   NUM_ITEMS).train()
     streams, mixing = [], []
     einsum = torch.einsum
 

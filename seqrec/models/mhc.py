@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from . import native
 
 
 def _normalise(z: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -163,6 +164,10 @@ class MHCResidual(nn.Module):
     product [H_res; H_pre]·x (a batched matmul) runs in the autocast dtype; the H_post
     update promotes back, so the stream itself stays fp32. cfg.mhc_no_amp runs the
     product in fp32 too (the collapse and the H_post update are elementwise, fp32 anyway).
+
+    On CPU, without low-precision autocast, everything before the sub-layer (coefficients,
+    Sinkhorn, mixing) runs in one compiled kernel (`native.PreMix`, cfg.mhc_native) that
+    computes the same numbers as `coefficients` and the product below (tests/test_mhc.py).
     """
 
     def __init__(self, sublayer: nn.Module, cfg: ModelConfig):
@@ -171,6 +176,7 @@ class MHCResidual(nn.Module):
         self.sublayer = sublayer
         self.norm = nn.LayerNorm(dim, eps=1e-8)
         self.n, self.norm_first, self.iters, self.no_amp = n, cfg.norm_first, cfg.mhc_sinkhorn_iter, cfg.mhc_no_amp
+        self.native = cfg.mhc_native
         self.phi = nn.Parameter(torch.randn(n * dim, 2 * n + n * n) / math.sqrt(n * dim))
         self.alpha = nn.Parameter(torch.full((3,), cfg.mhc_init_gate))
         p_pre = 1.0 / n if n > 1 else 0.999
@@ -192,15 +198,37 @@ class MHCResidual(nn.Module):
             h_res = sinkhorn(logits[2 * n:].view(n, n, -1).permute(2, 0, 1), self.iters)
         return h_pre, h_post, h_res.reshape(*lead, n, n)
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_res·x [..., n, C], the sub-layer input H_pre·x [..., C] and H_post [..., n]."""
+        if self.runs_native(x):
+            lead = x.shape[:-2]
+            res, branch, h_post = native.PreMix.apply(x.reshape(-1, *x.shape[-2:]), self.phi, self.alpha,
+                                                      self.static, self.iters)
+            return res.view(x.shape), branch.view(*lead, -1), h_post.view(*lead, self.n)
         h_pre, h_post, h_res = self.coefficients(x)
         with torch.autocast(x.device.type, enabled=False) if self.no_amp else contextlib.nullcontext():
             # One batched product reads x once for H_res·x and H_pre·x; split (not
             # slicing) so the backward is one concatenation, not zero-filled copies.
             mixing = torch.cat([h_res, h_pre[..., None, :]], -2)
             res, branch = torch.einsum("...kn,...nc->...kc", mixing, x).split([self.n, 1], -2)
-        branch = branch.squeeze(-2)
+        return res, branch.squeeze(-2), h_post
+
+    def runs_native(self, x: torch.Tensor) -> bool:
+        """Whether `mix` uses the compiled CPU kernel (native.PreMix, the same numbers): for
+        fp32/fp64 on CPU, unless autocast would run the mixing in low precision, or the
+        model is being traced or compiled (neither can see into a ctypes call)."""
+        return (self.native and x.device.type == "cpu" and x.dtype in native.REALS and x.dtype == self.phi.dtype
+                and (self.no_amp or not torch.is_autocast_enabled("cpu"))
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and native.library(x.dtype) is not None)
+
+    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        res, branch, h_post = self.mix(x)
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
+        if not self.norm_first and out.dtype == x.dtype and self.runs_native(x):
+            norm = self.norm
+            return native.PostNorm.apply(res.view(-1, *res.shape[-2:]), h_post.view(-1, self.n), out,
+                                         norm.weight, norm.bias, norm.eps).view(x.shape)
         x = torch.addcmul(res, h_post[..., None], out[..., None, :])  # promotes to fp32 under autocast
         return x if self.norm_first else self.norm(x)
 

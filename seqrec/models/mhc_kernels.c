@@ -1,0 +1,280 @@
+/* mHC's per-token work before the sub-layer, fused into one pass per token (CPU).
+ *
+ * For each token t with streams x_t (n x C, row-major) and the projection raw_t = x_t phi
+ * (K = 2n + n*n values, computed by the caller as one GEMM), this computes
+ *   r      = (|x_t|^2 / (nC) + 1e-6)^(-1/2)            RMSNorm of vec(x_t), applied after phi
+ *   logit  = static + alpha_group * r * raw_t           groups: pre (n), post (n), res (n*n)
+ *   H_pre  = sigmoid(logit_pre), H_post = 2 sigmoid(logit_post)
+ *   H_res  = Sinkhorn(exp(logit_res)), `iters` rounds of column then row normalisation
+ *   res    = H_res x_t  (n x C),  branch = H_pre x_t  (C)
+ * and the backward of all of it except the two GEMMs with phi, which the caller runs.
+ * Eager PyTorch spends most of this time launching ~100 small operations per call over
+ * all tokens and writing their intermediates; here a block of LANES tokens is done at
+ * once in L1, with the Sinkhorn loops running across the block's tokens (innermost, so
+ * they vectorise), and the backward recomputes the coefficients instead of storing them.
+ *
+ * Compiled by seqrec/models/native.py once per dtype (-DREAL=float or double) and called
+ * through ctypes on token ranges [t0, t1), so a thread pool can split the tokens.
+ * Must match MHCResidual's PyTorch path; tests/test_mhc_native.py checks both directions.
+ */
+#include <tgmath.h>
+#include <stdint.h>
+
+#ifndef REAL
+#define REAL float
+#endif
+typedef REAL real;
+
+#define MAXN 8                  /* config allows expansion rates 1..8 */
+#define MAXK (2 * MAXN + MAXN * MAXN)
+#define LANES 16                /* tokens per block: the vector width of the Sinkhorn loops */
+#define FLOOR ((real)-60)       /* exp(-60) ~ 1e-26: no normaliser can underflow */
+
+typedef real lanes[LANES];
+
+static inline real sigmoid(real v) { return 1 / (1 + exp(-v)); }
+
+/* Column-then-row normalisation of exp(z - column max) for a block of n x n matrices
+ * (z, p: [n*n][LANES]). `sums` ([2*iters*n][LANES], or NULL) receives each step's
+ * normalisers for the backward. */
+static void sinkhorn_forward(int n, int iters, const lanes *z, lanes *p, lanes *sums)
+{
+    for (int j = 0; j < n; ++j) {
+        lanes top;
+        for (int l = 0; l < LANES; ++l) top[l] = z[j][l];
+        for (int i = 1; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) top[l] = z[i * n + j][l] > top[l] ? z[i * n + j][l] : top[l];
+        for (int i = 0; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) {
+                real v = z[i * n + j][l] - top[l];
+                p[i * n + j][l] = exp(v < FLOOR ? FLOOR : v);
+            }
+    }
+    for (int it = 0; it < iters; ++it)
+        for (int step = 0; step < 2; ++step)      /* 0: columns (sum over i), 1: rows (sum over j) */
+            for (int a = 0; a < n; ++a) {
+                int first = step ? a * n : a, stride = step ? 1 : n;
+                lanes s = {0}, inv;
+                for (int b = 0; b < n; ++b)
+                    for (int l = 0; l < LANES; ++l) s[l] += p[first + b * stride][l];
+                for (int l = 0; l < LANES; ++l) inv[l] = 1 / s[l];
+                for (int b = 0; b < n; ++b)
+                    for (int l = 0; l < LANES; ++l) p[first + b * stride][l] *= inv[l];
+                if (sums)
+                    for (int l = 0; l < LANES; ++l) sums[(2 * it + step) * n + a][l] = s[l];
+            }
+}
+
+/* Gradient of the logits z from the gradient g of the output p (g is overwritten with it).
+ * Walks the steps in reverse: for Y = X / s with s = X.sum(dim), dX = (dY - sum(dY*Y, dim)) / s,
+ * and X = Y * s rebuilds the previous iterate. exp'(v) = exp(v) ends it; entries floored at
+ * FLOOR get no gradient (the per-column max shift is a constant, as in the PyTorch path). */
+static void sinkhorn_backward(int n, int iters, const lanes *z, const lanes *p, const lanes *sums, lanes *g)
+{
+    lanes y[MAXN * MAXN];
+    for (int k = 0; k < n * n; ++k)
+        for (int l = 0; l < LANES; ++l) y[k][l] = p[k][l];
+    for (int it = iters - 1; it >= 0; --it)
+        for (int step = 1; step >= 0; --step)
+            for (int a = 0; a < n; ++a) {
+                int first = step ? a * n : a, stride = step ? 1 : n;
+                const real *s = sums[(2 * it + step) * n + a];
+                lanes d = {0}, inv;
+                for (int b = 0; b < n; ++b)
+                    for (int l = 0; l < LANES; ++l) d[l] += g[first + b * stride][l] * y[first + b * stride][l];
+                for (int l = 0; l < LANES; ++l) inv[l] = 1 / s[l];
+                for (int b = 0; b < n; ++b)
+                    for (int l = 0; l < LANES; ++l) {
+                        g[first + b * stride][l] = (g[first + b * stride][l] - d[l]) * inv[l];
+                        y[first + b * stride][l] *= s[l];
+                    }
+            }
+    for (int j = 0; j < n; ++j) {
+        lanes top;
+        for (int l = 0; l < LANES; ++l) top[l] = z[j][l];
+        for (int i = 1; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) top[l] = z[i * n + j][l] > top[l] ? z[i * n + j][l] : top[l];
+        for (int i = 0; i < n; ++i)
+            for (int l = 0; l < LANES; ++l)
+                g[i * n + j][l] = z[i * n + j][l] - top[l] < FLOOR ? 0 : g[i * n + j][l] * y[i * n + j][l];
+    }
+}
+
+/* Logits [K][LANES] and 1/rms of the block's tokens t0..t0+count-1 (lanes past count are 0). */
+static void block_logits(int n, int C, int64_t t0, int count, const real *x, const real *raw,
+                         const real *alpha, const real *bias, lanes *logit, real *r)
+{
+    int D = n * C, K = 2 * n + n * n;
+    for (int l = 0; l < LANES; ++l) {
+        if (l >= count) {
+            r[l] = 0;
+            for (int k = 0; k < K; ++k) logit[k][l] = 0;
+            continue;
+        }
+        const real *xt = x + (t0 + l) * D, *rawt = raw + (t0 + l) * K;
+        real ss = 0;
+        for (int i = 0; i < D; ++i) ss += xt[i] * xt[i];
+        r[l] = 1 / sqrt(ss / D + (real)1e-6);
+        for (int k = 0; k < K; ++k) logit[k][l] = bias[k] + alpha[k < n ? 0 : k < 2 * n ? 1 : 2] * r[l] * rawt[k];
+    }
+}
+
+void mhc_pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
+                     const real *x, const real *raw, const real *alpha, const real *bias,
+                     real *res, real *branch, real *h_post)
+{
+    int D = n * C;
+    lanes logit[MAXK], h_res[MAXN * MAXN];
+    real r[LANES];
+    for (int64_t tb = t0; tb < t1; tb += LANES) {
+        int count = t1 - tb < LANES ? (int)(t1 - tb) : LANES;
+        block_logits(n, C, tb, count, x, raw, alpha, bias, logit, r);
+        sinkhorn_forward(n, iters, logit + 2 * n, h_res, 0);
+        for (int l = 0; l < count; ++l) {
+            int64_t t = tb + l;
+            const real *xt = x + t * D;
+            real h_pre[MAXN];
+            for (int j = 0; j < n; ++j) {
+                h_pre[j] = sigmoid(logit[j][l]);
+                h_post[t * n + j] = 2 * sigmoid(logit[n + j][l]);
+            }
+            for (int i = 0; i <= n; ++i) {  /* rows 0..n-1: H_res x; row n: H_pre x */
+                real *out = i < n ? res + t * D + i * C : branch + t * C;
+                real w0 = i < n ? h_res[i * n][l] : h_pre[0];
+                for (int c = 0; c < C; ++c) out[c] = w0 * xt[c];
+                for (int j = 1; j < n; ++j) {
+                    real w = i < n ? h_res[i * n + j][l] : h_pre[j];
+                    for (int c = 0; c < C; ++c) out[c] += w * xt[j * C + c];
+                }
+            }
+        }
+    }
+}
+
+/* Gradients of x (mixing and RMS terms; the caller adds graw @ phi^T), of raw (graw), and
+ * this range's sums of the alpha (3) and bias (K) gradients. `sums` is scratch of
+ * 2*iters*n*LANES reals. */
+void mhc_pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
+                      const real *x, const real *raw, const real *alpha, const real *bias,
+                      const real *g_res, const real *g_branch, const real *g_post,
+                      real *g_x, real *g_raw, real *g_alpha, real *g_bias, lanes *sums)
+{
+    int D = n * C, K = 2 * n + n * n;
+    lanes logit[MAXK], g_logit[MAXK], h_res[MAXN * MAXN];
+    real r[LANES];
+    for (int64_t tb = t0; tb < t1; tb += LANES) {
+        int count = t1 - tb < LANES ? (int)(t1 - tb) : LANES;
+        block_logits(n, C, tb, count, x, raw, alpha, bias, logit, r);
+        sinkhorn_forward(n, iters, logit + 2 * n, h_res, sums);
+        for (int k = 0; k < K; ++k)
+            for (int l = count; l < LANES; ++l) g_logit[k][l] = 0;
+        /* mixing: dx_j = sum_i H_res[i][j] g_res_i + H_pre[j] g_branch; dH[i][j] = <g_res_i, x_j> */
+        for (int l = 0; l < count; ++l) {
+            int64_t t = tb + l;
+            const real *xt = x + t * D, *gr = g_res + t * D, *gb = g_branch + t * C;
+            real *gx = g_x + t * D;
+            for (int j = 0; j < n; ++j) {
+                const real *xj = xt + j * C;
+                real *gxj = gx + j * C, s = sigmoid(logit[j][l]), dot = 0;
+                for (int c = 0; c < C; ++c) {
+                    gxj[c] = s * gb[c];
+                    dot += gb[c] * xj[c];
+                }
+                g_logit[j][l] = dot * s * (1 - s);
+                for (int i = 0; i < n; ++i) {
+                    const real *gri = gr + i * C;
+                    real w = h_res[i * n + j][l], d = 0;
+                    for (int c = 0; c < C; ++c) {
+                        gxj[c] += w * gri[c];
+                        d += gri[c] * xj[c];
+                    }
+                    g_logit[2 * n + i * n + j][l] = d;
+                }
+                s = sigmoid(logit[n + j][l]);
+                g_logit[n + j][l] = g_post[t * n + j] * 2 * s * (1 - s);
+            }
+        }
+        sinkhorn_backward(n, iters, logit + 2 * n, h_res, sums, g_logit + 2 * n);
+        /* logit = bias + alpha * r * raw: through r = (|x|^2/D + eps)^(-1/2), dr/dx = -r^3 x / D */
+        for (int l = 0; l < count; ++l) {
+            int64_t t = tb + l;
+            const real *xt = x + t * D, *rawt = raw + t * K;
+            real g_r = 0;
+            for (int k = 0; k < K; ++k) {
+                int group = k < n ? 0 : k < 2 * n ? 1 : 2;
+                real g = g_logit[k][l], ga = g * alpha[group];
+                g_bias[k] += g;
+                g_alpha[group] += g * r[l] * rawt[k];
+                g_raw[t * K + k] = r[l] * ga;
+                g_r += ga * rawt[k];
+            }
+            real scale = -r[l] * r[l] * r[l] * g_r / D, *gx = g_x + t * D;
+            for (int i = 0; i < D; ++i) gx[i] += scale * xt[i];
+        }
+    }
+}
+
+/* Post-LN update after the sub-layer: out_k = LayerNorm(res_k + h_post[k] * f) for each of
+ * a token's n streams (one LayerNorm over C with weight w and bias b, shared by the
+ * streams), as MHCResidual does with PyTorch ops in two passes plus LayerNorm's own. */
+void mhc_post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
+                      const real *res, const real *h_post, const real *f, const real *w, const real *b,
+                      real *out)
+{
+    for (int64_t t = t0; t < t1; ++t)
+        for (int k = 0; k < n; ++k) {
+            const real *rk = res + (t * n + k) * C, *ft = f + t * C, h = h_post[t * n + k];
+            real *o = out + (t * n + k) * C, mean = 0, var = 0;
+            for (int c = 0; c < C; ++c) {
+                o[c] = rk[c] + h * ft[c];
+                mean += o[c];
+            }
+            mean /= C;
+            for (int c = 0; c < C; ++c) var += (o[c] - mean) * (o[c] - mean);
+            real rstd = 1 / sqrt(var / C + (real)eps);
+            for (int c = 0; c < C; ++c) o[c] = (o[c] - mean) * rstd * w[c] + b[c];
+        }
+}
+
+/* Its backward: recomputes y = res + h f and its normalisation x^ per stream, then
+ * dy = rstd (dx^ - mean(dx^) - x^ mean(dx^ x^)) with dx^ = g w; dres = dy, dh = <dy, f>,
+ * df = sum_k h_k dy_k; this range's weight and bias gradients go to g_w, g_b (C each).
+ * `scratch` holds 2*C reals. */
+void mhc_post_backward(int64_t t0, int64_t t1, int n, int C, double eps,
+                       const real *res, const real *h_post, const real *f, const real *w, const real *g,
+                       real *g_res, real *g_post, real *g_f, real *g_w, real *g_b, real *scratch)
+{
+    real *xhat = scratch, *dxhat = scratch + C;
+    for (int64_t t = t0; t < t1; ++t) {
+        const real *ft = f + t * C;
+        real *gf = g_f + t * C;
+        for (int c = 0; c < C; ++c) gf[c] = 0;
+        for (int k = 0; k < n; ++k) {
+            const real *rk = res + (t * n + k) * C, *gk = g + (t * n + k) * C, h = h_post[t * n + k];
+            real *dy = g_res + (t * n + k) * C, mean = 0, var = 0, m1 = 0, m2 = 0, dh = 0;
+            for (int c = 0; c < C; ++c) {
+                xhat[c] = rk[c] + h * ft[c];
+                mean += xhat[c];
+            }
+            mean /= C;
+            for (int c = 0; c < C; ++c) var += (xhat[c] - mean) * (xhat[c] - mean);
+            real rstd = 1 / sqrt(var / C + (real)eps);
+            for (int c = 0; c < C; ++c) {
+                xhat[c] = (xhat[c] - mean) * rstd;
+                dxhat[c] = gk[c] * w[c];
+                m1 += dxhat[c];
+                m2 += dxhat[c] * xhat[c];
+                g_w[c] += gk[c] * xhat[c];
+                g_b[c] += gk[c];
+            }
+            m1 /= C;
+            m2 /= C;
+            for (int c = 0; c < C; ++c) {
+                dy[c] = rstd * (dxhat[c] - m1 - xhat[c] * m2);
+                dh += dy[c] * ft[c];
+                gf[c] += h * dy[c];
+            }
+            g_post[t * n + k] = dh;
+        }
+    }
+}

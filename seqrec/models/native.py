@@ -1,0 +1,191 @@
+"""Compiled CPU kernels for mHC's per-token work (mhc_kernels.c), loaded through ctypes.
+
+At d=50 the mHC coefficients, Sinkhorn and stream mixing are ~100 small PyTorch ops per
+sub-layer over every token; on CPU their launches and intermediates cost as much as the
+sub-layers themselves (docs/PERFORMANCE.md § mHC overhead). A ~150-line C kernel that
+does a token's work in registers removes that. It needs no PyTorch headers, so it compiles
+in about a second with the system C compiler (`$CC`, default `cc`) on first use and is
+cached per source, flags and CPU under `$SEQREC_CACHE_DIR` (default ~/.cache/seqrec).
+Without a compiler `library` returns None and MHCResidual keeps its PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("mhc_kernels.c")
+# -march=native: the cache key includes the CPU. The reassociation flags let gcc vectorise
+# the kernel's dot products (their rounding differs from PyTorch's at float epsilon).
+FLAGS = ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
+         "-fno-signed-zeros", "-fassociative-math"]
+REALS = {torch.float32: "float", torch.float64: "double"}
+MIN_TOKENS_PER_THREAD = 2048  # below this a thread's dispatch costs more than its share of work
+LANES = 16  # the kernel's tokens per block (LANES in mhc_kernels.c)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(real: str) -> Path:
+    """The shared library for one element type, compiled unless already cached; written to
+    a temporary name and renamed, so ranks compiling at once never load a partial file."""
+    compiler = os.environ.get("CC", "cc")
+    flags = [*FLAGS, f"-DREAL={real}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SEQREC_CACHE_DIR", Path.home() / ".cache" / "seqrec"))
+    target = cache / f"mhc_kernels_{real}_{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        try:
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"],
+                           check=True, capture_output=True, text=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+@functools.cache
+def library(dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The kernels for float32 or float64 tensors, or None (with one warning) when they
+    cannot be built here."""
+    try:
+        lib = ctypes.CDLL(str(build(REALS[dtype])))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        warnings.warn(f"mHC: no compiled CPU kernel ({str(detail).strip()[:200]}); using the PyTorch path",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mhc_pre_forward.argtypes = [i64, i64, i32, i32, i32] + [pointer] * 7
+    lib.mhc_pre_backward.argtypes = [i64, i64, i32, i32, i32] + [pointer] * 12
+    lib.mhc_post_forward.argtypes = [i64, i64, i32, i32, ctypes.c_double] + [pointer] * 6
+    lib.mhc_post_backward.argtypes = [i64, i64, i32, i32, ctypes.c_double] + [pointer] * 11
+    return lib
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="seqrec-mhc")
+
+
+def token_ranges(tokens: int) -> list[tuple[int, int]]:
+    """Split [0, tokens) into one range per torch thread (ctypes releases the GIL during a
+    call, so a thread pool runs them in parallel), fewer when the ranges would be small."""
+    parts = max(1, min(torch.get_num_threads(), tokens // MIN_TOKENS_PER_THREAD))
+    bounds = [tokens * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run(function, ranges: list[tuple[int, int]], dtype: torch.dtype, *args) -> None:
+    """Call a kernel of `dtype` once per token range: `args` are ints and CPU tensors, or
+    per-range lists of tensors (each range's private outputs). The kernel sees raw
+    pointers, so every tensor is checked to be contiguous and of `dtype` first: a wrong
+    one would be read or written past its end."""
+    for arg in args:
+        for tensor in arg if isinstance(arg, list) else [arg] if isinstance(arg, torch.Tensor) else []:
+            if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
+                raise TypeError(f"mHC kernel: expected contiguous CPU {dtype}, got {tensor.dtype} {tuple(tensor.shape)}")
+
+    def call(index: int) -> None:
+        values = [a[index] if isinstance(a, list) else a for a in args]
+        function(*ranges[index], *[v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values])
+
+    if len(ranges) == 1:
+        call(0)
+    else:
+        list(_pool(len(ranges)).map(call, range(len(ranges))))
+
+
+class PreMix(torch.autograd.Function):
+    """MHCResidual's work before its sub-layer, on the compiled kernel.
+
+    x [T, n, C] -> (H_res·x [T, n, C], H_pre·x [T, C], H_post [T, n]), the coefficients
+    computed from x with phi [nC, 2n+n²], alpha [3] and the static biases [2n+n²]
+    exactly as MHCResidual.coefficients does. The two GEMMs with phi (forward, and the
+    backward's x and phi gradients) stay with PyTorch's BLAS; the kernel does the rest.
+    The backward recomputes the coefficients per token, so only x and x·phi are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+                iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens, n, dim = x.shape
+        flat = x.reshape(tokens, n * dim).contiguous()
+        phi, alpha, bias = phi.contiguous(), alpha.contiguous(), bias.contiguous()
+        with torch.autocast("cpu", enabled=False):  # the caller's --mhc_no_amp: all of it in x's dtype
+            raw = flat @ phi
+        res, branch, h_post = torch.empty_like(flat), flat.new_empty(tokens, dim), flat.new_empty(tokens, n)
+        run(library(x.dtype).mhc_pre_forward, token_ranges(tokens), x.dtype, n, dim, iters, flat, raw, alpha, bias,
+            res, branch, h_post)
+        ctx.save_for_backward(flat, phi, alpha, bias, raw)
+        ctx.shape, ctx.iters = x.shape, iters
+        return res.view(x.shape), branch, h_post
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_res: torch.Tensor, g_branch: torch.Tensor, g_post: torch.Tensor):
+        flat, phi, alpha, bias, raw = ctx.saved_tensors
+        (tokens, n, dim), iters = ctx.shape, ctx.iters
+        ranges = token_ranges(tokens)
+        g_x, g_raw = torch.empty_like(flat), torch.empty_like(raw)
+        g_alpha, g_bias = flat.new_zeros(len(ranges), 3), flat.new_zeros(len(ranges), raw.shape[1])
+        scratch = [flat.new_empty(max(1, 2 * iters * n * LANES)) for _ in ranges]
+        grads = [g.to(flat.dtype).contiguous() for g in (g_res, g_branch, g_post)]
+        run(library(flat.dtype).mhc_pre_backward, ranges, flat.dtype, n, dim, iters, flat, raw, alpha, bias,
+            *grads, g_x, g_raw, list(g_alpha), list(g_bias), scratch)
+        with torch.autocast("cpu", enabled=False):
+            g_x.addmm_(g_raw, phi.t())
+            g_phi = flat.t() @ g_raw
+        return g_x.view(ctx.shape), g_phi, g_alpha.sum(0), g_bias.sum(0), None
+
+
+class PostNorm(torch.autograd.Function):
+    """The post-LN update after the sub-layer on the compiled kernel: res [T, n, C],
+    h_post [T, n], the sub-layer output f [T, C] -> LayerNorm(res + h_post ⊗ f) per stream
+    (weight, bias [C], eps). One pass each way instead of the update's and LayerNorm's
+    several; the backward recomputes the normalised values instead of saving them."""
+
+    @staticmethod
+    def forward(ctx, res: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, eps: float) -> torch.Tensor:
+        (tokens, n, dim), f_shape = res.shape, f.shape
+        res, h_post, f = res.contiguous(), h_post.contiguous(), f.reshape(tokens, dim).contiguous()
+        out = torch.empty_like(res)
+        run(library(res.dtype).mhc_post_forward, token_ranges(tokens), res.dtype, n, dim, eps, res, h_post, f,
+            weight.contiguous(), bias.contiguous(), out)
+        ctx.save_for_backward(res, h_post, f, weight)
+        ctx.eps, ctx.f_shape = eps, f_shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        res, h_post, f, weight = ctx.saved_tensors
+        tokens, n, dim = res.shape
+        ranges = token_ranges(tokens)
+        g_res, g_post, g_f = torch.empty_like(res), torch.empty_like(h_post), torch.empty_like(f)
+        g_w, g_b = res.new_zeros(len(ranges), dim), res.new_zeros(len(ranges), dim)
+        scratch = [res.new_empty(2 * dim) for _ in ranges]
+        run(library(res.dtype).mhc_post_backward, ranges, res.dtype, n, dim, ctx.eps, res, h_post, f,
+            weight.contiguous(), grad.to(res.dtype).contiguous(), g_res, g_post, g_f, list(g_w), list(g_b), scratch)
+        return g_res, g_post, g_f.view(ctx.f_shape), g_w.sum(0), g_b.sum(0), None

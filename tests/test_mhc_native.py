@@ -1,0 +1,203 @@
+"""The compiled CPU kernel for mHC (seqrec/models/native.py, mhc_kernels.c): its hand-written
+backward against finite differences, its outputs and gradients against the PyTorch path
+(what CUDA and autocast run) in whole models split over threads, the fallback without a
+compiler, and the pointer checks that keep a wrong tensor from being read past its end.
+The block against the paper's formula token by token: tests/test_mhc.py."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from seqrec.config import ModelConfig
+from seqrec.models import native
+from seqrec.models.mhc import MHCResidual
+from seqrec.models.sasrec import FeedForward, SASRec
+from seqrec.models.tisasrec import TiSASRec
+
+pytestmark = pytest.mark.skipif(native.library(torch.float64) is None or native.library(torch.float32) is None,
+                                reason="no C compiler for the mHC kernel")
+NUM_ITEMS = 50
+
+
+def coefficient_parameters(n: int, dim: int, spread: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+    """phi, alpha, bias in float64 with logits of a few units; `spread` scales the H_res
+    biases (60+ puts some Sinkhorn entries on the exp floor)."""
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(n * dim, 2 * n + n * n, generator=g, dtype=torch.float64) / (n * dim) ** 0.5
+    alpha = torch.tensor([0.7, 1.3, 1.1], dtype=torch.float64)
+    bias = torch.randn(2 * n + n * n, generator=g, dtype=torch.float64)
+    bias[2 * n:] *= spread
+    return [phi, alpha, bias]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_kernel_gradcheck(n):
+    """19 tokens: one full block of 16 and a partial one, whose unused lanes must not leak."""
+    x = torch.randn(19, n, 3, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in [x, *coefficient_parameters(n, 3)]]
+    assert torch.autograd.gradcheck(lambda *args: native.PreMix.apply(*args, 20), inputs)
+
+
+def test_kernel_gradcheck_with_one_iteration():
+    """The fewest iterations the config allows: the per-column max shift, treated as a
+    constant, is exactly removed by the first column normalisation."""
+    inputs = [t.requires_grad_() for t in [torch.randn(5, 3, 4, dtype=torch.float64), *coefficient_parameters(3, 4)]]
+    assert torch.autograd.gradcheck(lambda *args: native.PreMix.apply(*args, 1), inputs)
+
+
+def pytorch_block(n: int, dim: int, params: list[torch.Tensor], iters: int = 20) -> MHCResidual:
+    cfg = ModelConfig(hidden_units=dim, mhc_expansion_rate=n, mhc_sinkhorn_iter=iters, mhc_native=False)
+    block = MHCResidual(FeedForward(dim, 0.0), cfg).double()
+    with torch.no_grad():
+        for target, value in zip((block.phi, block.alpha, block.static), params):
+            target.copy_(value)
+    return block
+
+
+@pytest.mark.parametrize("spread", [1.0, 80.0])
+def test_kernel_equals_the_pytorch_path(spread):
+    """Outputs and gradients of (H_res·x, H_pre·x, H_post) equal MHCResidual.mix on PyTorch
+    ops, including Sinkhorn entries floored at exp(-60) (spread 80), which get no gradient."""
+    n, dim = 4, 5
+    params = coefficient_parameters(n, dim, spread)
+    block = pytorch_block(n, dim, params)
+    x = torch.randn(2, 21, n, dim, dtype=torch.float64, requires_grad=True)
+    assert not block.runs_native(x)
+    expected = block.mix(x)
+    leaves = [t.requires_grad_() for t in params]
+    got = native.PreMix.apply(x.reshape(-1, n, dim), *leaves, 20)
+    got = (got[0].view(x.shape), got[1].view(2, 21, dim), got[2].view(2, 21, n))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    grads = [torch.randn_like(t) for t in expected]
+    wanted = torch.autograd.grad(expected, [x, block.phi, block.alpha, block.static], grads)
+    for a, b in zip(torch.autograd.grad(got, [x, *leaves], grads), wanted):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def post_inputs(tokens: int, n: int, dim: int) -> list[torch.Tensor]:
+    """res, h_post, f, LayerNorm weight and bias in float64, all requiring gradients."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(tokens, n, dim), (tokens, n), (tokens, dim), (dim,), (dim,)]
+    return [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for shape in shapes]
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_post_kernel_gradcheck(n):
+    assert torch.autograd.gradcheck(lambda *args: native.PostNorm.apply(*args, 1e-8), post_inputs(7, n, 5))
+
+
+def test_post_kernel_equals_the_pytorch_path():
+    """LayerNorm(res + h_post ⊗ f) stream-wise, as MHCResidual's post-LN path computes it."""
+    inputs = post_inputs(37, 4, 6)
+    res, h_post, f, weight, bias = inputs
+    expected = torch.nn.functional.layer_norm(torch.addcmul(res, h_post[..., None], f[:, None, :]), (6,),
+                                              weight, bias, 1e-8)
+    got = native.PostNorm.apply(*inputs, 1e-8)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("model_cls", [SASRec, TiSASRec])
+def test_models_on_the_kernel_equal_the_pytorch_path(model_cls, norm_first):
+    """A whole model, forward and backward, with the kernel split over two threads (5,120
+    tokens: two token ranges) and without it. float64: same hidden states and gradients to
+    1e-9. float32: same hidden states to float32 rounding; its gradients are not compared,
+    because the final LayerNorm makes some (the collapse weights, the embeddings) sums
+    that cancel to below float32 rounding: there both paths differ from float64 by more
+    than the gradient itself (measured), so neither can be the other's reference."""
+    cfg = ModelConfig(maxlen=128, hidden_units=16, num_heads=2, num_blocks=2, dropout_rate=0.0,
+                      norm_first=norm_first, time=model_cls is TiSASRec, time_unit="second", time_span=20,
+                      mhc=True, mhc_init_gate=0.3)
+    torch.manual_seed(0)
+    models = [model_cls(dataclasses.replace(cfg, mhc_native=flag), NUM_ITEMS) for flag in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 129, (40,), generator=g)
+    items = torch.randint(1, NUM_ITEMS + 1, (40, 128), generator=g)
+    items = items.masked_fill(torch.arange(128) < 128 - lengths[:, None], 0)
+    batch = {"items": items, "times": torch.cumsum(torch.randint(0, 5, (40, 128), generator=g), 1)}
+
+    def run(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.to(dtype).zero_grad()
+        assert model.layers[0].runs_native(torch.zeros((), dtype=dtype)) == model.layers[0].native
+        hidden = model(batch)[items != 0]
+        hidden.square().sum().backward()
+        return hidden, {name: p.grad for name, p in model.named_parameters()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert len(native.token_ranges(40 * 128)) == 2
+        (kernel, kernel_grads), (pytorch, pytorch_grads) = (run(model, torch.float64) for model in models)
+        torch.testing.assert_close(kernel, pytorch, rtol=1e-9, atol=1e-9)
+        for name, grad in kernel_grads.items():
+            torch.testing.assert_close(grad, pytorch_grads[name], rtol=1e-9, atol=1e-12,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        (kernel, kernel_grads), (pytorch, _) = (run(model, torch.float32) for model in models)
+        torch.testing.assert_close(kernel, pytorch, rtol=1e-4, atol=1e-4)
+        assert all(torch.isfinite(grad).all() for grad in kernel_grads.values())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_no_amp_under_autocast_runs_the_kernel():
+    """--mhc_no_amp keeps all of mHC in fp32, which is what the kernel computes, so it runs
+    under bf16 autocast too (and equals the PyTorch path's fp32 result); without the flag
+    the mixing belongs to autocast and the PyTorch path runs it in bf16."""
+    n, dim = 4, 8
+    params = coefficient_parameters(n, dim)
+    blocks = []
+    for flag in (True, False):
+        cfg = ModelConfig(hidden_units=dim, mhc_expansion_rate=n, mhc_no_amp=True, mhc_native=flag)
+        block = MHCResidual(FeedForward(dim, 0.0), cfg)
+        with torch.no_grad():
+            for target, value in zip((block.phi, block.alpha, block.static), params):
+                target.copy_(value)
+        blocks.append(block)
+    x = torch.randn(3, 7, n, dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert blocks[0].runs_native(x) and not blocks[1].runs_native(x)
+        results = [block.mix(x) for block in blocks]
+        blocks[0].no_amp = False
+        assert not blocks[0].runs_native(x)
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SEQREC_CACHE_DIR", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no compiled CPU kernel"):
+            assert native.library(torch.float32) is None
+        block = MHCResidual(FeedForward(8, 0.0), ModelConfig(hidden_units=8, mhc_expansion_rate=2))
+        x = torch.randn(2, 3, 2, 8)
+        assert not block.runs_native(x)
+        assert torch.isfinite(block(x, {})).all()
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_compiled_kernel_is_reused(monkeypatch, tmp_path):
+    """The second build of the same source finds the cached library instead of compiling."""
+    monkeypatch.setenv("SEQREC_CACHE_DIR", str(tmp_path))
+    first = native.build("float")
+    stamp = first.stat().st_mtime_ns
+    assert native.build("float") == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_wrong_tensors_are_refused_before_the_kernel_sees_them():
+    lib = native.library(torch.float32)
+    good = torch.zeros(16, 8)
+    for bad in (good.double(), good.t(), torch.zeros(16, 8, dtype=torch.bfloat16)):
+        with pytest.raises(TypeError, match="contiguous CPU torch.float32"):
+            native.run(lib.mhc_pre_forward, [(0, 1)], torch.float32, 2, 2, 20, good, bad)
