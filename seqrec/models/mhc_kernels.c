@@ -101,8 +101,8 @@ static void sinkhorn_backward(int n, int iters, const lanes *z, const lanes *p, 
 }
 
 /* Logits [K][LANES] and 1/rms of the block's tokens t0..t0+count-1 (lanes past count are 0). */
-static void block_logits(int n, int C, int64_t t0, int count, const real *x, const real *raw,
-                         const real *alpha, const real *bias, lanes *logit, real *r)
+static void block_logits(int n, int C, int64_t t0, int count, const real *restrict x, const real *restrict raw,
+                         const real *restrict alpha, const real *restrict bias, lanes *logit, real *restrict r)
 {
     int D = n * C, K = 2 * n + n * n;
     for (int l = 0; l < LANES; ++l) {
@@ -120,8 +120,8 @@ static void block_logits(int n, int C, int64_t t0, int count, const real *x, con
 }
 
 void mhc_pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
-                     const real *x, const real *raw, const real *alpha, const real *bias,
-                     real *res, real *branch, real *h_post)
+                     const real *restrict x, const real *restrict raw, const real *restrict alpha, const real *restrict bias,
+                     real *restrict res, real *restrict branch, real *restrict h_post)
 {
     int D = n * C;
     lanes logit[MAXK], h_res[MAXN * MAXN];
@@ -155,9 +155,9 @@ void mhc_pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
  * this range's sums of the alpha (3) and bias (K) gradients. `sums` is scratch of
  * 2*iters*n*LANES reals. */
 void mhc_pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
-                      const real *x, const real *raw, const real *alpha, const real *bias,
-                      const real *g_res, const real *g_branch, const real *g_post,
-                      real *g_x, real *g_raw, real *g_alpha, real *g_bias, lanes *sums)
+                      const real *restrict x, const real *restrict raw, const real *restrict alpha, const real *restrict bias,
+                      const real *restrict g_res, const real *restrict g_branch, const real *restrict g_post,
+                      real *restrict g_x, real *restrict g_raw, real *restrict g_alpha, real *restrict g_bias, lanes *sums)
 {
     int D = n * C, K = 2 * n + n * n;
     lanes logit[MAXK], g_logit[MAXK], h_res[MAXN * MAXN];
@@ -218,8 +218,8 @@ void mhc_pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
  * a token's n streams (one LayerNorm over C with weight w and bias b, shared by the
  * streams), as MHCResidual does with PyTorch ops in two passes plus LayerNorm's own. */
 void mhc_post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
-                      const real *res, const real *h_post, const real *f, const real *w, const real *b,
-                      real *out)
+                      const real *restrict res, const real *restrict h_post, const real *restrict f, const real *restrict w, const real *restrict b,
+                      real *restrict out)
 {
     for (int64_t t = t0; t < t1; ++t)
         for (int k = 0; k < n; ++k) {
@@ -241,8 +241,8 @@ void mhc_post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
  * df = sum_k h_k dy_k; this range's weight and bias gradients go to g_w, g_b (C each).
  * `scratch` holds 2*C reals. */
 void mhc_post_backward(int64_t t0, int64_t t1, int n, int C, double eps,
-                       const real *res, const real *h_post, const real *f, const real *w, const real *g,
-                       real *g_res, real *g_post, real *g_f, real *g_w, real *g_b, real *scratch)
+                       const real *restrict res, const real *restrict h_post, const real *restrict f, const real *restrict w, const real *restrict g,
+                       real *restrict g_res, real *restrict g_post, real *restrict g_f, real *restrict g_w, real *restrict g_b, real *restrict scratch)
 {
     real *xhat = scratch, *dxhat = scratch + C;
     for (int64_t t = t0; t < t1; ++t) {
