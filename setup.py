@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["seqrec", "seqrec.*"]),
+    package_data={"seqrec.models": ["mhc_kernels.c"]},  # compiled on first use (seqrec/models/native.py)
     python_requires=">=3.10",
     install_requires=["torch>=2.3", "numpy", "pyyaml", "tqdm", "nvidia-ml-py"],
     extras_require={

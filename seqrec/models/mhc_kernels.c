@@ -216,61 +216,62 @@ void mhc_pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
 
 /* Post-LN update after the sub-layer: out_k = LayerNorm(res_k + h_post[k] * f) for each of
  * a token's n streams (one LayerNorm over C with weight w and bias b, shared by the
- * streams), as MHCResidual does with PyTorch ops in two passes plus LayerNorm's own. */
+ * streams), as MHCResidual does with PyTorch ops in two passes plus LayerNorm's own.
+ * Also writes the normalised values xhat and 1/std for the backward (xhat replaces res
+ * among the saved tensors, so saving it costs no memory). */
 void mhc_post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
-                      const real *restrict res, const real *restrict h_post, const real *restrict f, const real *restrict w, const real *restrict b,
-                      real *restrict out)
+                      const real *restrict res, const real *restrict h_post, const real *restrict f,
+                      const real *restrict w, const real *restrict b,
+                      real *restrict out, real *restrict xhat, real *restrict rstd)
 {
     for (int64_t t = t0; t < t1; ++t)
         for (int k = 0; k < n; ++k) {
-            const real *rk = res + (t * n + k) * C, *ft = f + t * C, h = h_post[t * n + k];
-            real *o = out + (t * n + k) * C, mean = 0, var = 0;
+            int64_t row = (t * n + k) * C;
+            const real *ft = f + t * C, h = h_post[t * n + k];
+            real *xh = xhat + row, mean = 0, var = 0;
             for (int c = 0; c < C; ++c) {
-                o[c] = rk[c] + h * ft[c];
-                mean += o[c];
+                xh[c] = res[row + c] + h * ft[c];
+                mean += xh[c];
             }
             mean /= C;
-            for (int c = 0; c < C; ++c) var += (o[c] - mean) * (o[c] - mean);
-            real rstd = 1 / sqrt(var / C + (real)eps);
-            for (int c = 0; c < C; ++c) o[c] = (o[c] - mean) * rstd * w[c] + b[c];
+            for (int c = 0; c < C; ++c) var += (xh[c] - mean) * (xh[c] - mean);
+            real r = 1 / sqrt(var / C + (real)eps);
+            for (int c = 0; c < C; ++c) {
+                xh[c] = (xh[c] - mean) * r;
+                out[row + c] = xh[c] * w[c] + b[c];
+            }
+            rstd[t * n + k] = r;
         }
 }
 
-/* Its backward: recomputes y = res + h f and its normalisation x^ per stream, then
- * dy = rstd (dx^ - mean(dx^) - x^ mean(dx^ x^)) with dx^ = g w; dres = dy, dh = <dy, f>,
- * df = sum_k h_k dy_k; this range's weight and bias gradients go to g_w, g_b (C each).
- * `scratch` holds 2*C reals. */
-void mhc_post_backward(int64_t t0, int64_t t1, int n, int C, double eps,
-                       const real *restrict res, const real *restrict h_post, const real *restrict f, const real *restrict w, const real *restrict g,
-                       real *restrict g_res, real *restrict g_post, real *restrict g_f, real *restrict g_w, real *restrict g_b, real *restrict scratch)
+/* Its backward: dy = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = g w;
+ * dres = dy, dh = <dy, f>, df = sum_k h_k dy_k; this range's weight and bias gradients go
+ * to g_w, g_b (C each). */
+void mhc_post_backward(int64_t t0, int64_t t1, int n, int C,
+                       const real *restrict xhat, const real *restrict rstd, const real *restrict h_post,
+                       const real *restrict f, const real *restrict w, const real *restrict g,
+                       real *restrict g_res, real *restrict g_post, real *restrict g_f,
+                       real *restrict g_w, real *restrict g_b)
 {
-    real *xhat = scratch, *dxhat = scratch + C;
     for (int64_t t = t0; t < t1; ++t) {
         const real *ft = f + t * C;
         real *gf = g_f + t * C;
         for (int c = 0; c < C; ++c) gf[c] = 0;
         for (int k = 0; k < n; ++k) {
-            const real *rk = res + (t * n + k) * C, *gk = g + (t * n + k) * C, h = h_post[t * n + k];
-            real *dy = g_res + (t * n + k) * C, mean = 0, var = 0, m1 = 0, m2 = 0, dh = 0;
+            int64_t row = (t * n + k) * C;
+            const real *xh = xhat + row, *gk = g + row, h = h_post[t * n + k], r = rstd[t * n + k];
+            real *dy = g_res + row, m1 = 0, m2 = 0, dh = 0;
             for (int c = 0; c < C; ++c) {
-                xhat[c] = rk[c] + h * ft[c];
-                mean += xhat[c];
-            }
-            mean /= C;
-            for (int c = 0; c < C; ++c) var += (xhat[c] - mean) * (xhat[c] - mean);
-            real rstd = 1 / sqrt(var / C + (real)eps);
-            for (int c = 0; c < C; ++c) {
-                xhat[c] = (xhat[c] - mean) * rstd;
-                dxhat[c] = gk[c] * w[c];
-                m1 += dxhat[c];
-                m2 += dxhat[c] * xhat[c];
-                g_w[c] += gk[c] * xhat[c];
+                real d = gk[c] * w[c];
+                m1 += d;
+                m2 += d * xh[c];
+                g_w[c] += gk[c] * xh[c];
                 g_b[c] += gk[c];
             }
             m1 /= C;
             m2 /= C;
             for (int c = 0; c < C; ++c) {
-                dy[c] = rstd * (dxhat[c] - m1 - xhat[c] * m2);
+                dy[c] = r * (gk[c] * w[c] - m1 - xh[c] * m2);
                 dh += dy[c] * ft[c];
                 gf[c] += h * dy[c];
             }

@@ -78,8 +78,8 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mhc_pre_forward.argtypes = [i64, i64, i32, i32, i32] + [pointer] * 7
     lib.mhc_pre_backward.argtypes = [i64, i64, i32, i32, i32] + [pointer] * 12
-    lib.mhc_post_forward.argtypes = [i64, i64, i32, i32, ctypes.c_double] + [pointer] * 6
-    lib.mhc_post_backward.argtypes = [i64, i64, i32, i32, ctypes.c_double] + [pointer] * 11
+    lib.mhc_post_forward.argtypes = [i64, i64, i32, i32, ctypes.c_double] + [pointer] * 8
+    lib.mhc_post_backward.argtypes = [i64, i64, i32, i32] + [pointer] * 11
     return lib
 
 
@@ -163,29 +163,29 @@ class PostNorm(torch.autograd.Function):
     """The post-LN update after the sub-layer on the compiled kernel: res [T, n, C],
     h_post [T, n], the sub-layer output f [T, C] -> LayerNorm(res + h_post ⊗ f) per stream
     (weight, bias [C], eps). One pass each way instead of the update's and LayerNorm's
-    several; the backward recomputes the normalised values instead of saving them."""
+    several. The forward saves the normalised values in place of res (same size), so the
+    backward needs no statistics pass."""
 
     @staticmethod
     def forward(ctx, res: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor, eps: float) -> torch.Tensor:
         (tokens, n, dim), f_shape = res.shape, f.shape
         res, h_post, f = res.contiguous(), h_post.contiguous(), f.reshape(tokens, dim).contiguous()
-        out = torch.empty_like(res)
+        out, xhat, rstd = torch.empty_like(res), torch.empty_like(res), torch.empty_like(h_post)
         run(library(res.dtype).mhc_post_forward, token_ranges(tokens), res.dtype, n, dim, eps, res, h_post, f,
-            weight.contiguous(), bias.contiguous(), out)
-        ctx.save_for_backward(res, h_post, f, weight)
-        ctx.eps, ctx.f_shape = eps, f_shape
+            weight.contiguous(), bias.contiguous(), out, xhat, rstd)
+        ctx.save_for_backward(xhat, rstd, h_post, f, weight)
+        ctx.f_shape = f_shape
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        res, h_post, f, weight = ctx.saved_tensors
-        tokens, n, dim = res.shape
+        xhat, rstd, h_post, f, weight = ctx.saved_tensors
+        tokens, n, dim = xhat.shape
         ranges = token_ranges(tokens)
-        g_res, g_post, g_f = torch.empty_like(res), torch.empty_like(h_post), torch.empty_like(f)
-        g_w, g_b = res.new_zeros(len(ranges), dim), res.new_zeros(len(ranges), dim)
-        scratch = [res.new_empty(2 * dim) for _ in ranges]
-        run(library(res.dtype).mhc_post_backward, ranges, res.dtype, n, dim, ctx.eps, res, h_post, f,
-            weight.contiguous(), grad.to(res.dtype).contiguous(), g_res, g_post, g_f, list(g_w), list(g_b), scratch)
+        g_res, g_post, g_f = torch.empty_like(xhat), torch.empty_like(h_post), torch.empty_like(f)
+        g_w, g_b = xhat.new_zeros(len(ranges), dim), xhat.new_zeros(len(ranges), dim)
+        run(library(xhat.dtype).mhc_post_backward, ranges, xhat.dtype, n, dim, xhat, rstd, h_post, f,
+            weight.contiguous(), grad.to(xhat.dtype).contiguous(), g_res, g_post, g_f, list(g_w), list(g_b))
         return g_res, g_post, g_f.view(ctx.f_shape), g_w.sum(0), g_b.sum(0), None
