@@ -133,7 +133,7 @@ def test_models_on_the_kernel_equal_the_pytorch_path(model_cls, norm_first):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert len(native.token_ranges(40 * 128)) == 2
+        assert native.threads_for(40 * 128) == 2
         (kernel, kernel_grads), (pytorch, pytorch_grads) = (run(model, torch.float64) for model in models)
         torch.testing.assert_close(kernel, pytorch, rtol=1e-9, atol=1e-9)
         for name, grad in kernel_grads.items():
@@ -200,4 +200,4 @@ def test_wrong_tensors_are_refused_before_the_kernel_sees_them():
     good = torch.zeros(16, 8)
     for bad in (good.double(), good.t(), torch.zeros(16, 8, dtype=torch.bfloat16)):
         with pytest.raises(TypeError, match="contiguous CPU torch.float32"):
-            native.run(lib.mhc_pre_forward, [(0, 1)], torch.float32, 2, 2, 20, good, bad)
+            native.run(lib.mhc_pre_forward, 1, 1, torch.float32, 2, 2, 20, good, bad)

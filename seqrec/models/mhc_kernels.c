@@ -14,11 +14,17 @@
  * they vectorise), and the backward recomputes the coefficients instead of storing them.
  *
  * Compiled by seqrec/models/native.py once per dtype (-DREAL=float or double) and called
- * through ctypes on token ranges [t0, t1), so a thread pool can split the tokens.
+ * through ctypes. Each entry point splits its tokens over `threads` OpenMP threads; built
+ * with -fopenmp against the libgomp.so.1 PyTorch has already loaded, they run on PyTorch's
+ * own thread pool (a second pool would compete with PyTorch's spinning threads).
  * Must match MHCResidual's PyTorch path; tests/test_mhc_native.py checks both directions.
  */
-#include <tgmath.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <tgmath.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifndef REAL
 #define REAL float
@@ -119,7 +125,7 @@ static void block_logits(int n, int C, int64_t t0, int count, const real *restri
     }
 }
 
-void mhc_pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
+static void pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
                      const real *restrict x, const real *restrict raw, const real *restrict alpha, const real *restrict bias,
                      real *restrict res, real *restrict branch, real *restrict h_post)
 {
@@ -154,7 +160,7 @@ void mhc_pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
 /* Gradients of x (mixing and RMS terms; the caller adds graw @ phi^T), of raw (graw), and
  * this range's sums of the alpha (3) and bias (K) gradients. `sums` is scratch of
  * 2*iters*n*LANES reals. */
-void mhc_pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
+static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
                       const real *restrict x, const real *restrict raw, const real *restrict alpha, const real *restrict bias,
                       const real *restrict g_res, const real *restrict g_branch, const real *restrict g_post,
                       real *restrict g_x, real *restrict g_raw, real *restrict g_alpha, real *restrict g_bias, lanes *sums)
@@ -219,7 +225,7 @@ void mhc_pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
  * streams), as MHCResidual does with PyTorch ops in two passes plus LayerNorm's own.
  * Also writes the normalised values xhat and 1/std for the backward (xhat replaces res
  * among the saved tensors, so saving it costs no memory). */
-void mhc_post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
+static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
                       const real *restrict res, const real *restrict h_post, const real *restrict f,
                       const real *restrict w, const real *restrict b,
                       real *restrict out, real *restrict xhat, real *restrict rstd)
@@ -247,7 +253,7 @@ void mhc_post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
 /* Its backward: dy = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = g w;
  * dres = dy, dh = <dy, f>, df = sum_k h_k dy_k; this range's weight and bias gradients go
  * to g_w, g_b (C each). */
-void mhc_post_backward(int64_t t0, int64_t t1, int n, int C,
+static void post_backward(int64_t t0, int64_t t1, int n, int C,
                        const real *restrict xhat, const real *restrict rstd, const real *restrict h_post,
                        const real *restrict f, const real *restrict w, const real *restrict g,
                        real *restrict g_res, real *restrict g_post, real *restrict g_f,
@@ -277,5 +283,92 @@ void mhc_post_backward(int64_t t0, int64_t t1, int n, int C,
             }
             g_post[t * n + k] = dh;
         }
+    }
+}
+
+/* The calling thread's share [*t0, *t1) of `tokens`, in whole blocks of LANES tokens. */
+static void share(int64_t tokens, int64_t *t0, int64_t *t1)
+{
+    int64_t blocks = (tokens + LANES - 1) / LANES, parts = 1, me = 0;
+#ifdef _OPENMP
+    parts = omp_get_num_threads();
+    me = omp_get_thread_num();
+#endif
+    *t0 = blocks * me / parts * LANES;
+    *t1 = blocks * (me + 1) / parts * LANES;
+    *t0 = *t0 < tokens ? *t0 : tokens;
+    *t1 = *t1 < tokens ? *t1 : tokens;
+}
+
+static int thread_index(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* The entry points. Per-thread sums of parameter gradients go to row thread_index() of
+ * [threads][size] outputs, which the caller zeroes and adds up. */
+void mhc_pre_forward(int64_t tokens, int threads, int n, int C, int iters,
+                     const real *x, const real *raw, const real *alpha, const real *bias,
+                     real *res, real *branch, real *h_post)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t0, t1;
+        share(tokens, &t0, &t1);
+        pre_forward(t0, t1, n, C, iters, x, raw, alpha, bias, res, branch, h_post);
+    }
+}
+
+/* Returns 0, or 1 when a thread could not allocate its Sinkhorn scratch (gradients unset). */
+int mhc_pre_backward(int64_t tokens, int threads, int n, int C, int iters,
+                     const real *x, const real *raw, const real *alpha, const real *bias,
+                     const real *g_res, const real *g_branch, const real *g_post,
+                     real *g_x, real *g_raw, real *g_alpha, real *g_bias)
+{
+    int K = 2 * n + n * n, failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t0, t1;
+        share(tokens, &t0, &t1);
+        int me = thread_index();
+        lanes *sums = malloc(sizeof(lanes) * 2 * (size_t)iters * n);
+        if (sums)
+            pre_backward(t0, t1, n, C, iters, x, raw, alpha, bias, g_res, g_branch, g_post, g_x, g_raw,
+                         g_alpha + 3 * me, g_bias + K * me, sums);
+        else {
+#pragma omp atomic write
+            failed = 1;
+        }
+        free(sums);
+    }
+    return failed;
+}
+
+void mhc_post_forward(int64_t tokens, int threads, int n, int C, double eps,
+                      const real *res, const real *h_post, const real *f, const real *w, const real *b,
+                      real *out, real *xhat, real *rstd)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t0, t1;
+        share(tokens, &t0, &t1);
+        post_forward(t0, t1, n, C, eps, res, h_post, f, w, b, out, xhat, rstd);
+    }
+}
+
+void mhc_post_backward(int64_t tokens, int threads, int n, int C,
+                       const real *xhat, const real *rstd, const real *h_post, const real *f, const real *w,
+                       const real *g, real *g_res, real *g_post, real *g_f, real *g_w, real *g_b)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t0, t1;
+        share(tokens, &t0, &t1);
+        int me = thread_index();
+        post_backward(t0, t1, n, C, xhat, rstd, h_post, f, w, g, g_res, g_post, g_f, g_w + C * me, g_b + C * me);
     }
 }

@@ -18,7 +18,6 @@ import platform
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,11 +25,13 @@ import torch
 SOURCE = Path(__file__).with_name("mhc_kernels.c")
 # -march=native: the cache key includes the CPU. The reassociation flags let gcc vectorise
 # the kernel's dot products (their rounding differs from PyTorch's at float epsilon).
+# -fopenmp links libgomp.so.1, which resolves to the copy PyTorch has loaded (same soname),
+# so the kernel's threads are PyTorch's; a compiler without OpenMP builds a serial kernel.
 FLAGS = ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
          "-fno-signed-zeros", "-fassociative-math"]
+OPENMP = ["-fopenmp"]
 REALS = {torch.float32: "float", torch.float64: "double"}
-MIN_TOKENS_PER_THREAD = 2048  # splitting fewer tokens gained nothing here (1,850 tokens: 0.96 ms on one thread, 1.04 on two)
-LANES = 16  # the kernel's tokens per block (LANES in mhc_kernels.c)
+MIN_TOKENS_PER_THREAD = 64  # measured: 2 threads already halve a 128-token call (48 -> 29 us)
 
 
 def _cpu_name() -> str:
@@ -56,8 +57,11 @@ def build(real: str) -> Path:
         with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         try:
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"],
-                           check=True, capture_output=True, text=True)
+            command = [compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"]
+            try:
+                subprocess.run([*command, *OPENMP], check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError:
+                subprocess.run(command, check=True, capture_output=True, text=True)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -76,44 +80,27 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=2)
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.mhc_pre_forward.argtypes = [i64, i64, i32, i32, i32] + [pointer] * 7
-    lib.mhc_pre_backward.argtypes = [i64, i64, i32, i32, i32] + [pointer] * 12
-    lib.mhc_post_forward.argtypes = [i64, i64, i32, i32, ctypes.c_double] + [pointer] * 8
-    lib.mhc_post_backward.argtypes = [i64, i64, i32, i32] + [pointer] * 11
+    lib.mhc_pre_forward.argtypes = [i64, i32, i32, i32, i32] + [pointer] * 7
+    lib.mhc_pre_backward.argtypes = [i64, i32, i32, i32, i32] + [pointer] * 11
+    lib.mhc_post_forward.argtypes = [i64, i32, i32, i32, ctypes.c_double] + [pointer] * 8
+    lib.mhc_post_backward.argtypes = [i64, i32, i32, i32] + [pointer] * 11
+    lib.mhc_pre_backward.restype = i32
     return lib
 
 
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="seqrec-mhc")
+def threads_for(tokens: int) -> int:
+    """PyTorch's thread count, fewer when each thread would get little work."""
+    return max(1, min(torch.get_num_threads(), tokens // MIN_TOKENS_PER_THREAD))
 
 
-def token_ranges(tokens: int) -> list[tuple[int, int]]:
-    """Split [0, tokens) into one range per torch thread (ctypes releases the GIL during a
-    call, so a thread pool runs them in parallel), fewer when the ranges would be small."""
-    parts = max(1, min(torch.get_num_threads(), tokens // MIN_TOKENS_PER_THREAD))
-    bounds = [tokens * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def run(function, ranges: list[tuple[int, int]], dtype: torch.dtype, *args) -> None:
-    """Call a kernel of `dtype` once per token range: `args` are ints and CPU tensors, or
-    per-range lists of tensors (each range's private outputs). The kernel sees raw
-    pointers, so every tensor is checked to be contiguous and of `dtype` first: a wrong
-    one would be read or written past its end."""
+def run(function, tokens: int, threads: int, dtype: torch.dtype, *args) -> int:
+    """Call a kernel of `dtype` on `tokens` tokens split over `threads` threads; `args` are
+    numbers and CPU tensors. The kernel sees raw pointers, so every tensor is checked to be
+    contiguous and of `dtype` first: a wrong one would be read or written past its end."""
     for arg in args:
-        for tensor in arg if isinstance(arg, list) else [arg] if isinstance(arg, torch.Tensor) else []:
-            if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
-                raise TypeError(f"mHC kernel: expected contiguous CPU {dtype}, got {tensor.dtype} {tuple(tensor.shape)}")
-
-    def call(index: int) -> None:
-        values = [a[index] if isinstance(a, list) else a for a in args]
-        function(*ranges[index], *[v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values])
-
-    if len(ranges) == 1:
-        call(0)
-    else:
-        list(_pool(len(ranges)).map(call, range(len(ranges))))
+        if isinstance(arg, torch.Tensor) and (arg.dtype != dtype or not arg.is_contiguous() or arg.device.type != "cpu"):
+            raise TypeError(f"mHC kernel: expected contiguous CPU {dtype}, got {arg.dtype} {tuple(arg.shape)}")
+    return function(tokens, threads, *[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
 
 
 class PreMix(torch.autograd.Function):
@@ -135,8 +122,8 @@ class PreMix(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):  # the caller's --mhc_no_amp: all of it in x's dtype
             raw = flat @ phi
         res, branch, h_post = torch.empty_like(flat), flat.new_empty(tokens, dim), flat.new_empty(tokens, n)
-        run(library(x.dtype).mhc_pre_forward, token_ranges(tokens), x.dtype, n, dim, iters, flat, raw, alpha, bias,
-            res, branch, h_post)
+        run(library(x.dtype).mhc_pre_forward, tokens, threads_for(tokens), x.dtype, n, dim, iters, flat, raw,
+            alpha, bias, res, branch, h_post)
         ctx.save_for_backward(flat, phi, alpha, bias, raw)
         ctx.shape, ctx.iters = x.shape, iters
         return res.view(x.shape), branch, h_post
@@ -146,13 +133,13 @@ class PreMix(torch.autograd.Function):
     def backward(ctx, g_res: torch.Tensor, g_branch: torch.Tensor, g_post: torch.Tensor):
         flat, phi, alpha, bias, raw = ctx.saved_tensors
         (tokens, n, dim), iters = ctx.shape, ctx.iters
-        ranges = token_ranges(tokens)
+        threads = threads_for(tokens)
         g_x, g_raw = torch.empty_like(flat), torch.empty_like(raw)
-        g_alpha, g_bias = flat.new_zeros(len(ranges), 3), flat.new_zeros(len(ranges), raw.shape[1])
-        scratch = [flat.new_empty(max(1, 2 * iters * n * LANES)) for _ in ranges]
+        g_alpha, g_bias = flat.new_zeros(threads, 3), flat.new_zeros(threads, raw.shape[1])
         grads = [g.to(flat.dtype).contiguous() for g in (g_res, g_branch, g_post)]
-        run(library(flat.dtype).mhc_pre_backward, ranges, flat.dtype, n, dim, iters, flat, raw, alpha, bias,
-            *grads, g_x, g_raw, list(g_alpha), list(g_bias), scratch)
+        if run(library(flat.dtype).mhc_pre_backward, tokens, threads, flat.dtype, n, dim, iters, flat, raw, alpha,
+               bias, *grads, g_x, g_raw, g_alpha, g_bias):
+            raise MemoryError("mHC kernel: no memory for the Sinkhorn backward's scratch")
         with torch.autocast("cpu", enabled=False):
             g_x.addmm_(g_raw, phi.t())
             g_phi = flat.t() @ g_raw
@@ -172,8 +159,8 @@ class PostNorm(torch.autograd.Function):
         (tokens, n, dim), f_shape = res.shape, f.shape
         res, h_post, f = res.contiguous(), h_post.contiguous(), f.reshape(tokens, dim).contiguous()
         out, xhat, rstd = torch.empty_like(res), torch.empty_like(res), torch.empty_like(h_post)
-        run(library(res.dtype).mhc_post_forward, token_ranges(tokens), res.dtype, n, dim, eps, res, h_post, f,
-            weight.contiguous(), bias.contiguous(), out, xhat, rstd)
+        run(library(res.dtype).mhc_post_forward, tokens, threads_for(tokens), res.dtype, n, dim, eps, res, h_post,
+            f, weight.contiguous(), bias.contiguous(), out, xhat, rstd)
         ctx.save_for_backward(xhat, rstd, h_post, f, weight)
         ctx.f_shape = f_shape
         return out
@@ -183,9 +170,9 @@ class PostNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         xhat, rstd, h_post, f, weight = ctx.saved_tensors
         tokens, n, dim = xhat.shape
-        ranges = token_ranges(tokens)
+        threads = threads_for(tokens)
         g_res, g_post, g_f = torch.empty_like(xhat), torch.empty_like(h_post), torch.empty_like(f)
-        g_w, g_b = xhat.new_zeros(len(ranges), dim), xhat.new_zeros(len(ranges), dim)
-        run(library(xhat.dtype).mhc_post_backward, ranges, xhat.dtype, n, dim, xhat, rstd, h_post, f,
-            weight.contiguous(), grad.to(xhat.dtype).contiguous(), g_res, g_post, g_f, list(g_w), list(g_b))
+        g_w, g_b = xhat.new_zeros(threads, dim), xhat.new_zeros(threads, dim)
+        run(library(xhat.dtype).mhc_post_backward, tokens, threads, xhat.dtype, n, dim, xhat, rstd, h_post, f,
+            weight.contiguous(), grad.to(xhat.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b)
         return g_res, g_post, g_f.view(ctx.f_shape), g_w.sum(0), g_b.sum(0), None
