@@ -201,10 +201,7 @@ class MHCResidual(nn.Module):
     def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_res·x [..., n, C], the sub-layer input H_pre·x [..., C] and H_post [..., n]."""
         if self.runs_native(x):
-            lead = x.shape[:-2]
-            res, branch, h_post = native.PreMix.apply(x.reshape(-1, *x.shape[-2:]), self.phi, self.alpha,
-                                                      self.static, self.iters)
-            return res.view(x.shape), branch.view(*lead, -1), h_post.view(*lead, self.n)
+            return native.PreMix.apply(x, self.phi, self.alpha, self.static, self.iters)
         h_pre, h_post, h_res = self.coefficients(x)
         with torch.autocast(x.device.type, enabled=False) if self.no_amp else contextlib.nullcontext():
             # One batched product reads x once for H_res·x and H_pre·x; split (not
@@ -226,9 +223,7 @@ class MHCResidual(nn.Module):
         res, branch, h_post = self.mix(x)
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
         if not self.norm_first and out.dtype == x.dtype and self.runs_native(x):
-            norm = self.norm
-            return native.PostNorm.apply(res.view(-1, *res.shape[-2:]), h_post.view(-1, self.n), out,
-                                         norm.weight, norm.bias, norm.eps).view(x.shape)
+            return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps)
         x = torch.addcmul(res, h_post[..., None], out[..., None, :])  # promotes to fp32 under autocast
         return x if self.norm_first else self.norm(x)
 

@@ -10,6 +10,7 @@ Without a compiler `library` returns None and MHCResidual keeps its PyTorch path
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -97,82 +98,94 @@ def run(function, tokens: int, threads: int, dtype: torch.dtype, *args) -> int:
     """Call a kernel of `dtype` on `tokens` tokens split over `threads` threads; `args` are
     numbers and CPU tensors. The kernel sees raw pointers, so every tensor is checked to be
     contiguous and of `dtype` first: a wrong one would be read or written past its end."""
+    values = []
     for arg in args:
-        if isinstance(arg, torch.Tensor) and (arg.dtype != dtype or not arg.is_contiguous() or arg.device.type != "cpu"):
-            raise TypeError(f"mHC kernel: expected contiguous CPU {dtype}, got {arg.dtype} {tuple(arg.shape)}")
-    return function(tokens, threads, *[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+        if isinstance(arg, torch.Tensor):
+            if arg.dtype != dtype or not arg.is_contiguous() or arg.is_cuda:
+                raise TypeError(f"mHC kernel: expected contiguous CPU {dtype}, got {arg.dtype} {tuple(arg.shape)}")
+            arg = arg.data_ptr()
+        values.append(arg)
+    return function(tokens, threads, *values)
+
+
+def full_precision() -> contextlib.AbstractContextManager:
+    """Autocast off for the GEMMs with phi (the caller runs this path under autocast only
+    with --mhc_no_amp, i.e. all of mHC in x's dtype); a no-op when autocast is off."""
+    return torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else contextlib.nullcontext()
 
 
 class PreMix(torch.autograd.Function):
     """MHCResidual's work before its sub-layer, on the compiled kernel.
 
-    x [T, n, C] -> (H_res·x [T, n, C], H_pre·x [T, C], H_post [T, n]), the coefficients
-    computed from x with phi [nC, 2n+n²], alpha [3] and the static biases [2n+n²]
-    exactly as MHCResidual.coefficients does. The two GEMMs with phi (forward, and the
-    backward's x and phi gradients) stay with PyTorch's BLAS; the kernel does the rest.
+    x [..., n, C] -> (H_res·x [..., n, C], H_pre·x [..., C], H_post [..., n]), the
+    coefficients computed from x with phi [nC, 2n+n²], alpha [3] and the static biases
+    [2n+n²] exactly as MHCResidual.coefficients does. The two GEMMs with phi (forward, and
+    the backward's x and phi gradients) stay with PyTorch's BLAS; the kernel does the rest.
     The backward recomputes the coefficients per token, so only x and x·phi are saved.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
                 iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, n, dim = x.shape
-        flat = x.reshape(tokens, n * dim).contiguous()
-        phi, alpha, bias = phi.contiguous(), alpha.contiguous(), bias.contiguous()
-        with torch.autocast("cpu", enabled=False):  # the caller's --mhc_no_amp: all of it in x's dtype
-            raw = flat @ phi
-        res, branch, h_post = torch.empty_like(flat), flat.new_empty(tokens, dim), flat.new_empty(tokens, n)
-        run(library(x.dtype).mhc_pre_forward, tokens, threads_for(tokens), x.dtype, n, dim, iters, flat, raw,
-            alpha, bias, res, branch, h_post)
-        ctx.save_for_backward(flat, phi, alpha, bias, raw)
-        ctx.shape, ctx.iters = x.shape, iters
-        return res.view(x.shape), branch, h_post
+        *lead, n, dim = x.shape
+        x = x.contiguous()
+        tokens = x.numel() // (n * dim)
+        with full_precision():
+            raw = x.view(tokens, n * dim) @ phi
+        res, branch, h_post = torch.empty_like(x), x.new_empty(*lead, dim), x.new_empty(*lead, n)
+        run(library(x.dtype).mhc_pre_forward, tokens, threads_for(tokens), x.dtype, n, dim, iters, x, raw,
+            alpha.contiguous(), bias.contiguous(), res, branch, h_post)
+        ctx.save_for_backward(x, phi, alpha, bias, raw)
+        ctx.iters = iters
+        return res, branch, h_post
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_res: torch.Tensor, g_branch: torch.Tensor, g_post: torch.Tensor):
-        flat, phi, alpha, bias, raw = ctx.saved_tensors
-        (tokens, n, dim), iters = ctx.shape, ctx.iters
+        x, phi, alpha, bias, raw = ctx.saved_tensors
+        n, dim = x.shape[-2:]
+        tokens = raw.shape[0]
         threads = threads_for(tokens)
-        g_x, g_raw = torch.empty_like(flat), torch.empty_like(raw)
-        g_alpha, g_bias = flat.new_zeros(threads, 3), flat.new_zeros(threads, raw.shape[1])
-        grads = [g.to(flat.dtype).contiguous() for g in (g_res, g_branch, g_post)]
-        if run(library(flat.dtype).mhc_pre_backward, tokens, threads, flat.dtype, n, dim, iters, flat, raw, alpha,
-               bias, *grads, g_x, g_raw, g_alpha, g_bias):
+        g_x, g_raw = torch.empty_like(x), torch.empty_like(raw)
+        g_alpha, g_bias = x.new_zeros(threads, 3), x.new_zeros(threads, raw.shape[1])
+        grads = [g.to(x.dtype).contiguous() for g in (g_res, g_branch, g_post)]
+        if run(library(x.dtype).mhc_pre_backward, tokens, threads, x.dtype, n, dim, ctx.iters, x, raw,
+               alpha.contiguous(), bias.contiguous(), *grads, g_x, g_raw, g_alpha, g_bias):
             raise MemoryError("mHC kernel: no memory for the Sinkhorn backward's scratch")
-        with torch.autocast("cpu", enabled=False):
-            g_x.addmm_(g_raw, phi.t())
-            g_phi = flat.t() @ g_raw
-        return g_x.view(ctx.shape), g_phi, g_alpha.sum(0), g_bias.sum(0), None
+        with full_precision():
+            g_x.view(tokens, n * dim).addmm_(g_raw, phi.t())
+            g_phi = x.view(tokens, n * dim).t() @ g_raw
+        return g_x, g_phi, g_alpha.sum(0), g_bias.sum(0), None
 
 
 class PostNorm(torch.autograd.Function):
-    """The post-LN update after the sub-layer on the compiled kernel: res [T, n, C],
-    h_post [T, n], the sub-layer output f [T, C] -> LayerNorm(res + h_post ⊗ f) per stream
-    (weight, bias [C], eps). One pass each way instead of the update's and LayerNorm's
-    several. The forward saves the normalised values in place of res (same size), so the
-    backward needs no statistics pass."""
+    """The post-LN update after the sub-layer on the compiled kernel: res [..., n, C],
+    h_post [..., n], the sub-layer output f [..., C] -> LayerNorm(res + h_post ⊗ f) per
+    stream (weight, bias [C], eps). One pass each way instead of the update's and
+    LayerNorm's several. The forward saves the normalised values in place of res (same
+    size), so the backward needs no statistics pass."""
 
     @staticmethod
     def forward(ctx, res: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor, eps: float) -> torch.Tensor:
-        (tokens, n, dim), f_shape = res.shape, f.shape
-        res, h_post, f = res.contiguous(), h_post.contiguous(), f.reshape(tokens, dim).contiguous()
+        n, dim = res.shape[-2:]
+        res, h_post, f = res.contiguous(), h_post.contiguous(), f.contiguous()
+        tokens = h_post.numel() // n
         out, xhat, rstd = torch.empty_like(res), torch.empty_like(res), torch.empty_like(h_post)
         run(library(res.dtype).mhc_post_forward, tokens, threads_for(tokens), res.dtype, n, dim, eps, res, h_post,
             f, weight.contiguous(), bias.contiguous(), out, xhat, rstd)
         ctx.save_for_backward(xhat, rstd, h_post, f, weight)
-        ctx.f_shape = f_shape
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         xhat, rstd, h_post, f, weight = ctx.saved_tensors
-        tokens, n, dim = xhat.shape
+        n, dim = xhat.shape[-2:]
+        tokens = h_post.numel() // n
         threads = threads_for(tokens)
         g_res, g_post, g_f = torch.empty_like(xhat), torch.empty_like(h_post), torch.empty_like(f)
         g_w, g_b = xhat.new_zeros(threads, dim), xhat.new_zeros(threads, dim)
         run(library(xhat.dtype).mhc_post_backward, tokens, threads, xhat.dtype, n, dim, xhat, rstd, h_post, f,
             weight.contiguous(), grad.to(xhat.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b)
-        return g_res, g_post, g_f.view(ctx.f_shape), g_w.sum(0), g_b.sum(0), None
+        return g_res, g_post, g_f, g_w.sum(0), g_b.sum(0), None
