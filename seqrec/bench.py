@@ -31,8 +31,10 @@ SIZES = {
     "seed-d256": {"hidden_units": 256, "num_blocks": 2, "num_heads": 2, "maxlen": 200},
     "large": {"hidden_units": 256, "num_blocks": 4, "num_heads": 8, "maxlen": 200},
 }
-VARIANTS = {"sasrec": (False, False), "sasrec+mhc": (False, True), "tisasrec": (True, False),
-            "tisasrec+mhc": (True, True), "tisasrec-literal": (True, False)}
+# variant -> (time, mhc, mhc_native); "-torch": mHC on PyTorch ops instead of the CPU kernel
+VARIANTS = {"sasrec": (False, False, True), "sasrec+mhc": (False, True, True), "tisasrec": (True, False, True),
+            "tisasrec+mhc": (True, True, True), "tisasrec-literal": (True, False, True),
+            "sasrec+mhc-torch": (False, True, False), "tisasrec+mhc-torch": (True, True, False)}
 DEFAULT_VARIANTS = "sasrec,sasrec+mhc,tisasrec,tisasrec+mhc"
 
 
@@ -116,7 +118,7 @@ def run_case(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     cfg = Config()
-    model = {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"]}
+    model = {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"], "mhc_native": spec.get("mhc_native", True)}
     if spec["mhc"]:
         model["mhc_expansion_rate"] = spec["expansion_rate"]
     for key, value in model.items():
@@ -163,7 +165,9 @@ def label(row: dict) -> str:
 
 def mhc_parts(tokens: int, n: int = 4, dim: int = 50, repeats: int = 10) -> dict[str, float]:
     """CPU milliseconds of each part of one mHC sub-layer, forward + backward, on `tokens` tokens
-    of random data (the parts as MHCResidual computes them, each timed alone)."""
+    of random data (the parts as MHCResidual's PyTorch path computes them, each timed alone),
+    and of the compiled CPU kernel's two Functions that replace them (when it builds here)."""
+    from .models import native
     from .models.mhc import _RMSProjection, sinkhorn
     x = torch.randn(tokens, n, dim, requires_grad=True)
     phi = torch.randn(n * dim, 2 * n + n * n, requires_grad=True)
@@ -179,13 +183,20 @@ def mhc_parts(tokens: int, n: int = 4, dim: int = 50, repeats: int = 10) -> dict
         "n-stream LayerNorm": lambda: norm(x),
         "plain LayerNorm": lambda: norm(out),
     }
+    if native.library(torch.float32) is not None:
+        alpha, bias = torch.full((3,), 0.01, requires_grad=True), torch.zeros(2 * n + n * n, requires_grad=True)
+        parts["kernel: projection..mixing"] = lambda: native.PreMix.apply(x, phi, alpha, bias, 20)
+        parts["kernel: update + LayerNorm"] = lambda: native.PostNorm.apply(x, h_post, out, norm.weight,
+                                                                             norm.bias, norm.eps)
     result = {}
     for name, part in parts.items():
         times = []
         for _ in range(repeats + 2):
             start = time.process_time()
-            y = part()
-            y.backward(torch.ones_like(y))  # a dense gradient, as in training (sum()'s is a stride-0 view)
+            outputs = part()
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            # dense gradients, as in training (sum()'s is a stride-0 view)
+            torch.autograd.backward(outputs, [torch.ones_like(y) for y in outputs])
             times.append(time.process_time() - start)
         result[name] = 1000 * statistics.median(times[2:])
     return result
@@ -216,11 +227,12 @@ def _group(row: dict) -> tuple[str, int]:
 
 
 def ratios(rows: list[dict]) -> str:
-    """Same-run ratios: efficient vs literal TiSASRec and mHC (each n) vs the same model
-    without it (per size and bucketing), and each variant's step without length buckets
-    vs with them."""
+    """Same-run ratios: efficient vs literal TiSASRec and mHC (each n, on the CPU kernel or
+    on PyTorch ops) vs the same model without it (per size and bucketing), and each
+    variant's step without length buckets vs with them."""
     by = {(label(r), *_group(r)): r for r in rows if "error" not in r}
-    baseline = {"tisasrec-literal": "tisasrec", "sasrec+mhc": "sasrec", "tisasrec+mhc": "tisasrec"}
+    baseline = {"tisasrec-literal": "tisasrec", "sasrec+mhc": "sasrec", "tisasrec+mhc": "tisasrec",
+                "sasrec+mhc-torch": "sasrec", "tisasrec+mhc-torch": "tisasrec"}
     lines = []
     for (name, size, buckets), r in by.items():
         other = by.get((baseline.get(r["variant"]), size, buckets))
@@ -275,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [(size, variant, int(buckets), n) for size in sizes for variant in args.variants.split(",")
              for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
     for size, variant, buckets, n in cases:
-        time_, mhc = VARIANTS[variant]
-        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "expansion_rate": n,
+        time_, mhc, mhc_native = VARIANTS[variant]
+        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "mhc_native": mhc_native, "expansion_rate": n,
                 "device": args.device, "amp": args.amp, "batch_size": args.batch_size, "steps": steps,
                 "length_buckets": buckets, "threads": args.threads}
         try:

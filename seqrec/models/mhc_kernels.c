@@ -64,7 +64,10 @@ static inline real sigmoid(real v) { return 1 / (1 + kexp(-v)); }
 /* Column-then-row normalisation of exp(z - column max) for a block of n x n matrices
  * (z, p: [n*n][LANES]). `sums` ([2*iters*n][LANES], or NULL) receives each step's
  * normalisers for the backward. */
-static void sinkhorn_forward(int n, int iters, const lanes *z, lanes *p, lanes *sums)
+/* z minus its column's max, floored at FLOOR: the exponents Sinkhorn starts from (the shift
+ * is removed exactly by the first column normalisation; the floor keeps every entry >= 1e-26
+ * of its column's largest). */
+static void shifted_logits(int n, const lanes *z, lanes *v)
 {
     for (int j = 0; j < n; ++j) {
         lanes top;
@@ -73,10 +76,17 @@ static void sinkhorn_forward(int n, int iters, const lanes *z, lanes *p, lanes *
             for (int l = 0; l < LANES; ++l) top[l] = z[i * n + j][l] > top[l] ? z[i * n + j][l] : top[l];
         for (int i = 0; i < n; ++i)
             for (int l = 0; l < LANES; ++l) {
-                real v = z[i * n + j][l] - top[l];
-                p[i * n + j][l] = kexp(v < FLOOR ? FLOOR : v);
+                real d = z[i * n + j][l] - top[l];
+                v[i * n + j][l] = d < FLOOR ? FLOOR : d;
             }
     }
+}
+
+static void sinkhorn_forward(int n, int iters, const lanes *z, lanes *p, lanes *sums)
+{
+    shifted_logits(n, z, p);
+    for (int k = 0; k < n * n; ++k)
+        for (int l = 0; l < LANES; ++l) p[k][l] = kexp(p[k][l]);
     for (int it = 0; it < iters; ++it)
         for (int step = 0; step < 2; ++step)      /* 0: columns (sum over i), 1: rows (sum over j) */
             for (int a = 0; a < n; ++a) {
@@ -116,15 +126,12 @@ static void sinkhorn_backward(int n, int iters, const lanes *z, const lanes *p, 
                         y[first + b * stride][l] *= s[l];
                     }
             }
-    for (int j = 0; j < n; ++j) {
-        lanes top;
-        for (int l = 0; l < LANES; ++l) top[l] = z[j][l];
-        for (int i = 1; i < n; ++i)
-            for (int l = 0; l < LANES; ++l) top[l] = z[i * n + j][l] > top[l] ? z[i * n + j][l] : top[l];
-        for (int i = 0; i < n; ++i)
-            for (int l = 0; l < LANES; ++l)
-                g[i * n + j][l] = z[i * n + j][l] - top[l] < FLOOR ? 0 : g[i * n + j][l] * y[i * n + j][l];
-    }
+    lanes *v = y;  /* y is exp(v) now: reuse it for the floor test after the product */
+    for (int k = 0; k < n * n; ++k)
+        for (int l = 0; l < LANES; ++l) g[k][l] *= y[k][l];
+    shifted_logits(n, z, v);
+    for (int k = 0; k < n * n; ++k)
+        for (int l = 0; l < LANES; ++l) g[k][l] = v[k][l] > FLOOR ? g[k][l] : 0;
 }
 
 /* Logits [K][LANES] and 1/rms of the block's tokens t0..t0+count-1 (lanes past count are 0). */
