@@ -1,13 +1,14 @@
-/* mHC's per-token work before the sub-layer, fused into one pass per token (CPU).
+/* mHC's per-token work around a sub-layer, fused (CPU).
  *
- * For each token t with streams x_t (n x C, row-major) and the projection raw_t = x_t phi
- * (K = 2n + n*n values, computed by the caller as one GEMM), this computes
+ * Before the sub-layer (pre_*), for each token t with streams x_t (n x C, row-major) and
+ * the projection raw_t = x_t phi (K = 2n + n*n values, one GEMM by the caller), it computes
  *   r      = (|x_t|^2 / (nC) + 1e-6)^(-1/2)            RMSNorm of vec(x_t), applied after phi
  *   logit  = static + alpha_group * r * raw_t           groups: pre (n), post (n), res (n*n)
  *   H_pre  = sigmoid(logit_pre), H_post = 2 sigmoid(logit_post)
  *   H_res  = Sinkhorn(exp(logit_res)), `iters` rounds of column then row normalisation
  *   res    = H_res x_t  (n x C),  branch = H_pre x_t  (C)
  * and the backward of all of it except the two GEMMs with phi, which the caller runs.
+ * After it (post_*, post-LN blocks): out_k = LayerNorm(res_k + H_post[k] f) per stream.
  * Eager PyTorch spends most of this time launching ~100 small operations per call over
  * all tokens and writing their intermediates; here a block of LANES tokens is done at
  * once in L1, with the Sinkhorn loops running across the block's tokens (innermost, so
@@ -154,8 +155,9 @@ static void block_logits(int n, int C, int64_t t0, int count, const real *restri
 }
 
 static void pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
-                     const real *restrict x, const real *restrict raw, const real *restrict alpha, const real *restrict bias,
-                     real *restrict res, real *restrict branch, real *restrict h_post)
+                        const real *restrict x, const real *restrict raw, const real *restrict alpha,
+                        const real *restrict bias, real *restrict res, real *restrict branch,
+                        real *restrict h_post)
 {
     int D = n * C;
     lanes logit[MAXK], h_res[MAXN * MAXN];
@@ -189,9 +191,11 @@ static void pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
  * this range's sums of the alpha (3) and bias (K) gradients. `sums` is scratch of
  * 2*iters*n*LANES reals. */
 static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
-                      const real *restrict x, const real *restrict raw, const real *restrict alpha, const real *restrict bias,
-                      const real *restrict g_res, const real *restrict g_branch, const real *restrict g_post,
-                      real *restrict g_x, real *restrict g_raw, real *restrict g_alpha, real *restrict g_bias, lanes *sums)
+                         const real *restrict x, const real *restrict raw, const real *restrict alpha,
+                         const real *restrict bias,
+                         const real *restrict g_res, const real *restrict g_branch, const real *restrict g_post,
+                         real *restrict g_x, real *restrict g_raw, real *restrict g_alpha, real *restrict g_bias,
+                         lanes *sums)
 {
     int D = n * C, K = 2 * n + n * n;
     lanes logit[MAXK], g_logit[MAXK], h_res[MAXN * MAXN];
@@ -254,9 +258,9 @@ static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
  * Also writes the normalised values xhat and 1/std for the backward (xhat replaces res
  * among the saved tensors, so saving it costs no memory). */
 static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
-                      const real *restrict res, const real *restrict h_post, const real *restrict f,
-                      const real *restrict w, const real *restrict b,
-                      real *restrict out, real *restrict xhat, real *restrict rstd)
+                         const real *restrict res, const real *restrict h_post, const real *restrict f,
+                         const real *restrict w, const real *restrict b,
+                         real *restrict out, real *restrict xhat, real *restrict rstd)
 {
     for (int64_t t = t0; t < t1; ++t)
         for (int k = 0; k < n; ++k) {
@@ -282,10 +286,10 @@ static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
  * dres = dy, dh = <dy, f>, df = sum_k h_k dy_k; this range's weight and bias gradients go
  * to g_w, g_b (C each). */
 static void post_backward(int64_t t0, int64_t t1, int n, int C,
-                       const real *restrict xhat, const real *restrict rstd, const real *restrict h_post,
-                       const real *restrict f, const real *restrict w, const real *restrict g,
-                       real *restrict g_res, real *restrict g_post, real *restrict g_f,
-                       real *restrict g_w, real *restrict g_b)
+                          const real *restrict xhat, const real *restrict rstd, const real *restrict h_post,
+                          const real *restrict f, const real *restrict w, const real *restrict g,
+                          real *restrict g_res, real *restrict g_post, real *restrict g_f,
+                          real *restrict g_w, real *restrict g_b)
 {
     for (int64_t t = t0; t < t1; ++t) {
         const real *ft = f + t * C;

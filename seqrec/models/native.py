@@ -36,13 +36,13 @@ MIN_TOKENS_PER_THREAD = 64  # measured: 2 threads already halve a 128-token call
 
 
 def _cpu_name() -> str:
+    """What -march=native compiles for: the CPU model and its feature flags (a cache shared
+    between machines must not hand one CPU's build to another)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
 
 
 def build(real: str) -> Path:
