@@ -191,15 +191,17 @@ def test_compiled_training_matches_eager(data_file, tmp_path):
 def test_length_buckets_change_work_not_gradients(data_file, tmp_path, model_kw):
     """Grouping a batch by history length (each group cut to its longest history) sums the
     same per-position losses: with dropout off the trained weights match the unbucketed run
-    up to float summation order (which Adam amplifies in the small mHC gates: 2e-5 seen),
-    with and without gradient accumulation. A misaligned cut gives differences near 1e-1."""
+    up to float summation order (which Adam amplifies in the small mHC gates of the last
+    block: up to 4.6e-5 seen on mHC's PyTorch path, 1.1e-4 on its CPU kernel, every other
+    tensor below 1e-5), with and without gradient accumulation. A misaligned cut gives
+    differences near 1e-1."""
     kw = dict(train__num_epochs=2, train__eval_every=2, model__dropout_rate=0.0, **SCALE_SENSITIVE, **model_kw)
     run(small_config(data_file, tmp_path / "one", train__length_buckets=1, **kw))
     reference = params(tmp_path / "one" / "latest.pt")
     for buckets, accum in ((4, 1), (3, 2)):
         run_dir = tmp_path / f"b{buckets}a{accum}"
         run(small_config(data_file, run_dir, train__length_buckets=buckets, train__grad_accum_steps=accum, **kw))
-        assert_close_parameters(reference, params(run_dir / "latest.pt"), 1e-4)
+        assert_close_parameters(reference, params(run_dir / "latest.pt"), 3e-4)
         assert train_losses(run_dir) == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
 
 
