@@ -2,11 +2,12 @@
 
 At d=50 the mHC coefficients, Sinkhorn and stream mixing are ~100 small PyTorch ops per
 sub-layer over every token; on CPU their launches and intermediates cost as much as the
-sub-layers themselves (docs/PERFORMANCE.md § mHC overhead). A ~150-line C kernel that
-does a token's work in registers removes that. It needs no PyTorch headers, so it compiles
-in about a second with the system C compiler (`$CC`, default `cc`) on first use and is
-cached per source, flags and CPU under `$SEQREC_CACHE_DIR` (default ~/.cache/seqrec).
-Without a compiler `library` returns None and MHCResidual keeps its PyTorch path.
+sub-layers themselves (docs/PERFORMANCE.md § mHC overhead). A small C kernel that does a
+token's work in registers removes that (and the post-LN update after the sub-layer). It
+needs no PyTorch headers, so it compiles in about a second with the system C compiler
+(`$CC`, default `cc`) on first use and is cached per source, flags and CPU under
+`$SEQREC_CACHE_DIR` (default ~/.cache/seqrec). Without a compiler `library` returns None
+and MHCResidual keeps its PyTorch path.
 """
 from __future__ import annotations
 
