@@ -200,3 +200,17 @@ def test_wrong_tensors_are_refused_before_the_kernel_sees_them():
     for bad in (good.double(), good.t(), torch.zeros(16, 8, dtype=torch.bfloat16)):
         with pytest.raises(TypeError, match="contiguous CPU torch.float32"):
             native.run(lib.mhc_pre_forward, 1, 1, torch.float32, 2, 2, 20, good, bad)
+
+
+def test_an_empty_micro_batch_runs_both_ways():
+    """A rank with no rows still runs one empty micro-batch to join DDP's all-reduce."""
+    x, params = torch.randn(0, 7, 4, 5, dtype=torch.float64), coefficient_parameters(4, 5)
+    inputs = [t.requires_grad_() for t in [x, *params]]
+    outputs = native.PreMix.apply(*inputs, 20)
+    assert [tuple(o.shape) for o in outputs] == [(0, 7, 4, 5), (0, 7, 5), (0, 7, 4)]
+    grads = torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs])
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, inputs))
+    res, h_post, f, weight, bias = post_inputs(0, 4, 5)
+    out = native.PostNorm.apply(res, h_post, f, weight, bias, 1e-8)
+    out.sum().backward()
+    assert out.shape == (0, 4, 5) and not weight.grad.any() and not bias.grad.any()
