@@ -101,6 +101,12 @@ def test_post_kernel_equals_the_pytorch_path():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_post_kernel_without_gradients_gives_the_same_output():
+    """Evaluation skips saving x̂ and 1/std and normalises in the output buffer instead."""
+    inputs = post_inputs(37, 4, 6)
+    assert torch.equal(native.PostNorm.apply(*inputs, 1e-8, False), native.PostNorm.apply(*inputs, 1e-8))
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("model_cls", [SASRec, TiSASRec])
 def test_models_on_the_kernel_equal_the_pytorch_path(model_cls, norm_first):

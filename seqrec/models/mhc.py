@@ -223,7 +223,8 @@ class MHCResidual(nn.Module):
         res, branch, h_post = self.mix(x)
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
         if not self.norm_first and out.dtype == x.dtype and self.runs_native(x):
-            return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps)
+            return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps,
+                                         torch.is_grad_enabled())
         x = torch.addcmul(res, h_post[..., None], out[..., None, :])  # promotes to fp32 under autocast
         return x if self.norm_first else self.norm(x)
 

@@ -256,7 +256,8 @@ static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
  * a token's n streams (one LayerNorm over C with weight w and bias b, shared by the
  * streams), as MHCResidual does with PyTorch ops in two passes plus LayerNorm's own.
  * Also writes the normalised values xhat and 1/std for the backward (xhat replaces res
- * among the saved tensors, so saving it costs no memory). */
+ * among the saved tensors, so saving it costs no memory); both NULL when nothing needs
+ * gradients (evaluation), which then allocates and writes one [T, n, C] tensor less. */
 static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
                          const real *restrict res, const real *restrict h_post, const real *restrict f,
                          const real *restrict w, const real *restrict b,
@@ -266,7 +267,7 @@ static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
         for (int k = 0; k < n; ++k) {
             int64_t row = (t * n + k) * C;
             const real *ft = f + t * C, h = h_post[t * n + k];
-            real *xh = xhat + row, mean = 0, var = 0;
+            real *xh = xhat ? xhat + row : out + row, mean = 0, var = 0;  /* no xhat: inference */
             for (int c = 0; c < C; ++c) {
                 xh[c] = res[row + c] + h * ft[c];
                 mean += xh[c];
@@ -278,7 +279,8 @@ static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
                 xh[c] = (xh[c] - mean) * r;
                 out[row + c] = xh[c] * w[c] + b[c];
             }
-            rstd[t * n + k] = r;
+            if (rstd)
+                rstd[t * n + k] = r;
         }
 }
 

@@ -164,15 +164,18 @@ class PostNorm(torch.autograd.Function):
     h_post [..., n], the sub-layer output f [..., C] -> LayerNorm(res + h_post ⊗ f) per
     stream (weight, bias [C], eps). One pass each way instead of the update's and
     LayerNorm's several. The forward saves the normalised values in place of res (same
-    size), so the backward needs no statistics pass."""
+    size), so the backward needs no statistics pass; `save=False` skips them when no
+    gradient is wanted (evaluation; grad mode is always off inside forward, so the caller
+    says)."""
 
     @staticmethod
     def forward(ctx, res: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor, eps: float) -> torch.Tensor:
+                bias: torch.Tensor, eps: float, save: bool = True) -> torch.Tensor:
         n, dim = res.shape[-2:]
         res, h_post, f = res.contiguous(), h_post.contiguous(), f.contiguous()
         tokens = h_post.numel() // n
-        out, xhat, rstd = torch.empty_like(res), torch.empty_like(res), torch.empty_like(h_post)
+        out = torch.empty_like(res)
+        xhat, rstd = (torch.empty_like(res), torch.empty_like(h_post)) if save else (None, None)
         run(library(res.dtype).mhc_post_forward, tokens, threads_for(tokens), res.dtype, n, dim, eps, res, h_post,
             f, weight.contiguous(), bias.contiguous(), out, xhat, rstd)
         ctx.save_for_backward(xhat, rstd, h_post, f, weight)
@@ -189,4 +192,4 @@ class PostNorm(torch.autograd.Function):
         g_w, g_b = xhat.new_zeros(threads, dim), xhat.new_zeros(threads, dim)
         run(library(xhat.dtype).mhc_post_backward, tokens, threads, xhat.dtype, n, dim, xhat, rstd, h_post, f,
             weight.contiguous(), grad.to(xhat.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b)
-        return g_res, g_post, g_f, g_w.sum(0), g_b.sum(0), None
+        return g_res, g_post, g_f, g_w.sum(0), g_b.sum(0), None, None
