@@ -118,7 +118,7 @@ def run_case(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     cfg = Config()
-    model = {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"], "mhc_native": spec.get("mhc_native", True)}
+    model = {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"], "mhc_native": spec["mhc_native"]}
     if spec["mhc"]:
         model["mhc_expansion_rate"] = spec["expansion_rate"]
     for key, value in model.items():
@@ -288,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
              for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
     for size, variant, buckets, n in cases:
         time_, mhc, mhc_native = VARIANTS[variant]
-        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "mhc_native": mhc_native, "expansion_rate": n,
-                "device": args.device, "amp": args.amp, "batch_size": args.batch_size, "steps": steps,
-                "length_buckets": buckets, "threads": args.threads}
+        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "mhc_native": mhc_native,
+                "expansion_rate": n, "device": args.device, "amp": args.amp, "batch_size": args.batch_size,
+                "steps": steps, "length_buckets": buckets, "threads": args.threads}
         try:
             rows.append(run_worker("seqrec.bench", spec))
         except RuntimeError as err:

@@ -10,8 +10,9 @@ from seqrec.models import native
 def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.SIZES, "tiny", {"hidden_units": 8, "num_blocks": 1, "num_heads": 1, "maxlen": 12})
     monkeypatch.setattr(bench, "synthetic_sequences", lambda: bench_small())
-    spec = {"variant": "tisasrec-literal", "size": "tiny", "time": True, "mhc": False, "expansion_rate": None,
-            "device": "cpu", "amp": "off", "batch_size": 8, "steps": 3, "length_buckets": 2, "threads": 0}
+    spec = {"variant": "tisasrec-literal", "size": "tiny", "time": True, "mhc": False, "mhc_native": True,
+            "expansion_rate": None, "device": "cpu", "amp": "off", "batch_size": 8, "steps": 3, "length_buckets": 2,
+            "threads": 0}
     row = bench.run_case(spec)
     assert row["s_per_step"] > 0 and row["cpu_s_per_step"] > 0 and row["peak_mem_gb"] >= 0
     mhc = bench.run_case({**spec, "variant": "tisasrec+mhc", "mhc": True, "expansion_rate": 2})

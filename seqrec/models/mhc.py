@@ -166,8 +166,9 @@ class MHCResidual(nn.Module):
     product in fp32 too (the collapse and the H_post update are elementwise, fp32 anyway).
 
     On CPU, without low-precision autocast, everything before the sub-layer (coefficients,
-    Sinkhorn, mixing) runs in one compiled kernel (`native.PreMix`, cfg.mhc_native) that
-    computes the same numbers as `coefficients` and the product below (tests/test_mhc.py).
+    Sinkhorn, mixing) and the post-LN update after it run in a compiled kernel
+    (`native.PreMix`, `native.PostNorm`; cfg.mhc_native) that computes the same numbers as
+    the PyTorch ops below (tests/test_mhc_native.py).
     """
 
     def __init__(self, sublayer: nn.Module, cfg: ModelConfig):
@@ -198,9 +199,10 @@ class MHCResidual(nn.Module):
             h_res = sinkhorn(logits[2 * n:].view(n, n, -1).permute(2, 0, 1), self.iters)
         return h_pre, h_post, h_res.reshape(*lead, n, n)
 
-    def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """H_res·x [..., n, C], the sub-layer input H_pre·x [..., C] and H_post [..., n]."""
-        if self.runs_native(x):
+    def mix(self, x: torch.Tensor, on_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_res·x [..., n, C], the sub-layer input H_pre·x [..., C] and H_post [..., n];
+        `on_kernel` is `runs_native(x)`, passed by a caller that already knows it."""
+        if self.runs_native(x) if on_kernel is None else on_kernel:
             return native.PreMix.apply(x, self.phi, self.alpha, self.static, self.iters)
         h_pre, h_post, h_res = self.coefficients(x)
         with torch.autocast(x.device.type, enabled=False) if self.no_amp else contextlib.nullcontext():
@@ -220,9 +222,10 @@ class MHCResidual(nn.Module):
                 and native.library(x.dtype) is not None)
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
-        res, branch, h_post = self.mix(x)
+        on_kernel = self.runs_native(x)
+        res, branch, h_post = self.mix(x, on_kernel)
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
-        if not self.norm_first and out.dtype == x.dtype and self.runs_native(x):
+        if on_kernel and not self.norm_first and out.dtype == x.dtype:
             return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps,
                                          torch.is_grad_enabled())
         x = torch.addcmul(res, h_post[..., None], out[..., None, :])  # promotes to fp32 under autocast

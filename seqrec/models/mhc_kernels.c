@@ -62,9 +62,6 @@ static inline real kexp(real v)
 
 static inline real sigmoid(real v) { return 1 / (1 + kexp(-v)); }
 
-/* Column-then-row normalisation of exp(z - column max) for a block of n x n matrices
- * (z, p: [n*n][LANES]). `sums` ([2*iters*n][LANES], or NULL) receives each step's
- * normalisers for the backward. */
 /* z minus its column's max, floored at FLOOR: the exponents Sinkhorn starts from (the shift
  * is removed exactly by the first column normalisation; the floor keeps every entry >= 1e-26
  * of its column's largest). */
@@ -83,6 +80,9 @@ static void shifted_logits(int n, const lanes *z, lanes *v)
     }
 }
 
+/* Column-then-row normalisation of exp(z - column max) for a block of n x n matrices
+ * (z, p: [n*n][LANES]). `sums` ([2*iters*n][LANES], or NULL) receives each step's
+ * normalisers for the backward. */
 static void sinkhorn_forward(int n, int iters, const lanes *z, lanes *p, lanes *sums)
 {
     shifted_logits(n, z, p);
