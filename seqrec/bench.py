@@ -183,7 +183,7 @@ def mhc_parts(tokens: int, n: int = 4, dim: int = 50, repeats: int = 10) -> dict
         "n-stream LayerNorm": lambda: norm(x),
         "plain LayerNorm": lambda: norm(out),
     }
-    if native.library(torch.float32) is not None:
+    if native.library(torch.float32, n) is not None:
         alpha, bias = torch.full((3,), 0.01, requires_grad=True), torch.zeros(2 * n + n * n, requires_grad=True)
         parts["kernel: projection..mixing"] = lambda: native.PreMix.apply(x, phi, alpha, bias, 20)
         parts["kernel: update + LayerNorm"] = lambda: native.PostNorm.apply(x, h_post, out, norm.weight,

@@ -42,7 +42,7 @@ def bench_small():
 
 def test_mhc_parts_times_every_part():
     parts = bench.mhc_parts(tokens=64, n=2, dim=8, repeats=1)
-    kernel = {"kernel: projection..mixing", "kernel: update + LayerNorm"} if native.library(torch.float32) else set()
+    kernel = {"kernel: projection..mixing", "kernel: update + LayerNorm"} if native.library(torch.float32, 2) else set()
     assert set(parts) == {"projection + RMS norm", "Sinkhorn", "mixing product", "H_post update",
                           "n-stream LayerNorm", "plain LayerNorm"} | kernel
     assert all(ms >= 0 for ms in parts.values())

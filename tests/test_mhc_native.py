@@ -16,7 +16,7 @@ from seqrec.models.mhc import MHCResidual
 from seqrec.models.sasrec import FeedForward, SASRec
 from seqrec.models.tisasrec import TiSASRec
 
-pytestmark = pytest.mark.skipif(native.library(torch.float64) is None or native.library(torch.float32) is None,
+pytestmark = pytest.mark.skipif(native.library(torch.float64, 2) is None or native.library(torch.float32, 2) is None,
                                 reason="no C compiler for the mHC kernel")
 NUM_ITEMS = 50
 
@@ -182,7 +182,7 @@ def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
     native.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no compiled CPU kernel"):
-            assert native.library(torch.float32) is None
+            assert native.library(torch.float32, 2) is None
         block = MHCResidual(FeedForward(8, 0.0), ModelConfig(hidden_units=8, mhc_expansion_rate=2))
         x = torch.randn(2, 3, 2, 8)
         assert not block.runs_native(x)
@@ -194,18 +194,18 @@ def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
 def test_a_compiled_kernel_is_reused(monkeypatch, tmp_path):
     """The second build of the same source finds the cached library instead of compiling."""
     monkeypatch.setenv("SEQREC_CACHE_DIR", str(tmp_path))
-    first = native.build("float")
+    first = native.build("float", 2)
     stamp = first.stat().st_mtime_ns
-    assert native.build("float") == first and first.stat().st_mtime_ns == stamp
+    assert native.build("float", 2) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
 
 
 def test_wrong_tensors_are_refused_before_the_kernel_sees_them():
-    lib = native.library(torch.float32)
+    lib = native.library(torch.float32, 2)
     good = torch.zeros(16, 8)
     for bad in (good.double(), good.t(), torch.zeros(16, 8, dtype=torch.bfloat16)):
         with pytest.raises(TypeError, match="contiguous CPU torch.float32"):
-            native.run(lib.mhc_pre_forward, 1, 1, torch.float32, 2, 2, 20, good, bad)
+            native.run(lib.mhc_pre_forward, 1, 1, torch.float32, 2, 20, good, bad)
 
 
 def test_an_empty_micro_batch_runs_both_ways():

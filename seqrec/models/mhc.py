@@ -219,7 +219,7 @@ class MHCResidual(nn.Module):
         return (self.native and x.device.type == "cpu" and x.dtype in native.REALS and x.dtype == self.phi.dtype
                 and (self.no_amp or not torch.is_autocast_enabled("cpu"))
                 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-                and native.library(x.dtype) is not None)
+                and native.library(x.dtype, self.n) is not None)
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         on_kernel = self.runs_native(x)

@@ -14,8 +14,8 @@
  * once in L1, with the Sinkhorn loops running across the block's tokens (innermost, so
  * they vectorise), and the backward recomputes the coefficients instead of storing them.
  *
- * Compiled by seqrec/models/native.py once per dtype (-DREAL=float or double) and called
- * through ctypes. Each entry point splits its tokens over `threads` OpenMP threads; built
+ * Compiled by seqrec/models/native.py once per dtype and expansion rate (-DREAL=float or
+ * double, -DSTREAMS=n) and called through ctypes. Each entry point splits its tokens over `threads` OpenMP threads; built
  * with -fopenmp against the libgomp.so.1 PyTorch has already loaded, they run on PyTorch's
  * own thread pool (a second pool would compete with PyTorch's spinning threads).
  * Must match MHCResidual's PyTorch path; tests/test_mhc_native.py checks both directions.
@@ -32,12 +32,21 @@
 #endif
 typedef REAL real;
 
-#define MAXN 8                  /* config allows expansion rates 1..8 */
-#define MAXK (2 * MAXN + MAXN * MAXN)
+#ifndef STREAMS
+#error "build with -DSTREAMS=n, the expansion rate"
+#endif
+#define COEFS (2 * STREAMS + STREAMS * STREAMS)  /* K: H_pre, H_post, H_res logits per token */
 #define LANES 16                /* tokens per block: the vector width of the Sinkhorn loops */
 #define FLOOR ((real)-60)       /* exp(-60) ~ 1e-26: no normaliser can underflow */
 
 typedef real lanes[LANES];
+
+/* The code is written for any n, and each build fixes it (STREAMS, from -DSTREAMS=n): the
+ * stream loops then unroll (UNROLL) and the channel loop inside them, now innermost,
+ * vectorises, one pass over a token's channels doing all of its n x n products instead of
+ * ~n^2 short loops (2.5x faster forward, 1.7x backward at n=4, C=50 than a generic build). */
+#define PRAGMA(x) _Pragma(#x)
+#define UNROLL PRAGMA(GCC unroll 8)
 
 /* exp for the kernel's type. float: a branch-free Cody-Waite reduction and degree-6
  * polynomial (Cephes' expf, ~1 ulp on [-87, 88], clamped there) that gcc vectorises across
@@ -109,7 +118,7 @@ static void sinkhorn_forward(int n, int iters, const lanes *z, lanes *p, lanes *
  * FLOOR get no gradient (the per-column max shift is a constant, as in the PyTorch path). */
 static void sinkhorn_backward(int n, int iters, const lanes *z, const lanes *p, const lanes *sums, lanes *g)
 {
-    lanes y[MAXN * MAXN];
+    lanes y[STREAMS * STREAMS];
     for (int k = 0; k < n * n; ++k)
         for (int l = 0; l < LANES; ++l) y[k][l] = p[k][l];
     for (int it = iters - 1; it >= 0; --it)
@@ -154,35 +163,47 @@ static void block_logits(int n, int C, int64_t t0, int count, const real *restri
     }
 }
 
-static void pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
+/* sigmoid of the pre and post logits across a block's lanes: gate[j] = H_pre[j],
+ * gate[n + j] = H_post[j] / 2. */
+static void gates(int n, const lanes *logit, lanes *gate)
+{
+    for (int k = 0; k < 2 * n; ++k)
+        for (int l = 0; l < LANES; ++l) gate[k][l] = sigmoid(logit[k][l]);
+}
+
+/* One token's mixing weights w[(n+1) x n] from its block lane l: rows 0..n-1 H_res, row n H_pre. */
+static void token_weights(int n, int l, const lanes *h_res, const lanes *gate, real *restrict w)
+{
+    UNROLL for (int k = 0; k < n * n; ++k) w[k] = h_res[k][l];
+    UNROLL for (int j = 0; j < n; ++j) w[n * n + j] = gate[j][l];
+}
+
+static void pre_forward(int n, int64_t t0, int64_t t1, int C, int iters,
                         const real *restrict x, const real *restrict raw, const real *restrict alpha,
                         const real *restrict bias, real *restrict res, real *restrict branch,
                         real *restrict h_post)
 {
     int D = n * C;
-    lanes logit[MAXK], h_res[MAXN * MAXN];
+    lanes logit[COEFS], h_res[STREAMS * STREAMS], gate[2 * STREAMS];
     real r[LANES];
     for (int64_t tb = t0; tb < t1; tb += LANES) {
         int count = t1 - tb < LANES ? (int)(t1 - tb) : LANES;
         block_logits(n, C, tb, count, x, raw, alpha, bias, logit, r);
         sinkhorn_forward(n, iters, logit + 2 * n, h_res, 0);
+        gates(n, logit, gate);
         for (int l = 0; l < count; ++l) {
             int64_t t = tb + l;
-            const real *xt = x + t * D;
-            real h_pre[MAXN];
-            for (int j = 0; j < n; ++j) {
-                h_pre[j] = sigmoid(logit[j][l]);
-                h_post[t * n + j] = 2 * sigmoid(logit[n + j][l]);
-            }
-            for (int i = 0; i <= n; ++i) {  /* rows 0..n-1: H_res x; row n: H_pre x */
-                real *out = i < n ? res + t * D + i * C : branch + t * C;
-                real w0 = i < n ? h_res[i * n][l] : h_pre[0];
-                for (int c = 0; c < C; ++c) out[c] = w0 * xt[c];
-                for (int j = 1; j < n; ++j) {
-                    real w = i < n ? h_res[i * n + j][l] : h_pre[j];
-                    for (int c = 0; c < C; ++c) out[c] += w * xt[j * C + c];
+            const real *restrict xt = x + t * D;
+            real *restrict rt = res + t * D, *restrict bt = branch + t * C, w[(STREAMS + 1) * STREAMS];
+            token_weights(n, l, h_res, gate, w);
+            for (int j = 0; j < n; ++j) h_post[t * n + j] = 2 * gate[n + j][l];
+            for (int c = 0; c < C; ++c)  /* rows 0..n-1: H_res x; row n: H_pre x */
+                UNROLL for (int i = 0; i <= n; ++i) {
+                    real a = 0;
+                    UNROLL for (int j = 0; j < n; ++j) a += w[i * n + j] * xt[j * C + c];
+                    if (i < n) rt[i * C + c] = a;
+                    else bt[c] = a;
                 }
-            }
         }
     }
 }
@@ -190,7 +211,7 @@ static void pre_forward(int64_t t0, int64_t t1, int n, int C, int iters,
 /* Gradients of x (mixing and RMS terms; the caller adds graw @ phi^T), of raw (graw), and
  * this range's sums of the alpha (3) and bias (K) gradients. `sums` is scratch of
  * 2*iters*n*LANES reals. */
-static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
+static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
                          const real *restrict x, const real *restrict raw, const real *restrict alpha,
                          const real *restrict bias,
                          const real *restrict g_res, const real *restrict g_branch, const real *restrict g_post,
@@ -198,7 +219,7 @@ static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
                          lanes *sums)
 {
     int D = n * C, K = 2 * n + n * n;
-    lanes logit[MAXK], g_logit[MAXK], h_res[MAXN * MAXN];
+    lanes logit[COEFS], g_logit[COEFS], h_res[STREAMS * STREAMS], gate[2 * STREAMS];
     real r[LANES];
     for (int64_t tb = t0; tb < t1; tb += LANES) {
         int count = t1 - tb < LANES ? (int)(t1 - tb) : LANES;
@@ -207,46 +228,51 @@ static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
         for (int k = 0; k < K; ++k)
             for (int l = count; l < LANES; ++l) g_logit[k][l] = 0;
         /* mixing: dx_j = sum_i H_res[i][j] g_res_i + H_pre[j] g_branch; dH[i][j] = <g_res_i, x_j> */
+        gates(n, logit, gate);
         for (int l = 0; l < count; ++l) {
             int64_t t = tb + l;
-            const real *xt = x + t * D, *gr = g_res + t * D, *gb = g_branch + t * C;
-            real *gx = g_x + t * D;
+            const real *restrict xt = x + t * D, *restrict gr = g_res + t * D, *restrict gb = g_branch + t * C;
+            real *restrict gx = g_x + t * D, w[(STREAMS + 1) * STREAMS];
+            token_weights(n, l, h_res, gate, w);
             for (int j = 0; j < n; ++j) {
-                const real *xj = xt + j * C;
-                real *gxj = gx + j * C, s = sigmoid(logit[j][l]), dot = 0;
+                real dot[STREAMS + 1] = {0};  /* <g_res_i, x_j> for i < n, <g_branch, x_j> last */
                 for (int c = 0; c < C; ++c) {
-                    gxj[c] = s * gb[c];
-                    dot += gb[c] * xj[c];
-                }
-                g_logit[j][l] = dot * s * (1 - s);
-                for (int i = 0; i < n; ++i) {
-                    const real *gri = gr + i * C;
-                    real w = h_res[i * n + j][l], d = 0;
-                    for (int c = 0; c < C; ++c) {
-                        gxj[c] += w * gri[c];
-                        d += gri[c] * xj[c];
+                    real xv = xt[j * C + c], a = w[n * n + j] * gb[c];
+                    dot[n] += gb[c] * xv;
+                    UNROLL for (int i = 0; i < n; ++i) {
+                        a += w[i * n + j] * gr[i * C + c];
+                        dot[i] += gr[i * C + c] * xv;
                     }
-                    g_logit[2 * n + i * n + j][l] = d;
+                    gx[j * C + c] = a;
                 }
-                s = sigmoid(logit[n + j][l]);
-                g_logit[n + j][l] = g_post[t * n + j] * 2 * s * (1 - s);
+                real s = gate[j][l], sp = gate[n + j][l];
+                g_logit[j][l] = dot[n] * s * (1 - s);
+                g_logit[n + j][l] = g_post[t * n + j] * 2 * sp * (1 - sp);
+                for (int i = 0; i < n; ++i) g_logit[2 * n + i * n + j][l] = dot[i];
             }
         }
         sinkhorn_backward(n, iters, logit + 2 * n, h_res, sums, g_logit + 2 * n);
         /* logit = bias + alpha * r * raw: through r = (|x|^2/D + eps)^(-1/2), dr/dx = -r^3 x / D */
+        for (int k = 0; k < K; ++k) {
+            real sum = 0;
+            for (int l = 0; l < LANES; ++l) sum += g_logit[k][l];  /* lanes past count are 0 */
+            g_bias[k] += sum;
+        }
         for (int l = 0; l < count; ++l) {
             int64_t t = tb + l;
-            const real *xt = x + t * D, *rawt = raw + t * K;
-            real g_r = 0;
-            for (int k = 0; k < K; ++k) {
-                int group = k < n ? 0 : k < 2 * n ? 1 : 2;
-                real g = g_logit[k][l], ga = g * alpha[group];
-                g_bias[k] += g;
-                g_alpha[group] += g * r[l] * rawt[k];
-                g_raw[t * K + k] = r[l] * ga;
-                g_r += ga * rawt[k];
+            const real *restrict xt = x + t * D, *restrict rawt = raw + t * K;
+            real g_r = 0, *restrict gx = g_x + t * D;
+            for (int group = 0; group < 3; ++group) {  /* pre, post, res: logits [k0, k1) */
+                int k0 = group ? n * group : 0, k1 = group == 2 ? K : n * (group + 1);
+                real dot = 0, scale = r[l] * alpha[group];
+                for (int k = k0; k < k1; ++k) {
+                    dot += g_logit[k][l] * rawt[k];
+                    g_raw[t * K + k] = scale * g_logit[k][l];
+                }
+                g_alpha[group] += r[l] * dot;
+                g_r += alpha[group] * dot;
             }
-            real scale = -r[l] * r[l] * r[l] * g_r / D, *gx = g_x + t * D;
+            real scale = -r[l] * r[l] * r[l] * g_r / D;
             for (int i = 0; i < D; ++i) gx[i] += scale * xt[i];
         }
     }
@@ -258,7 +284,7 @@ static void pre_backward(int64_t t0, int64_t t1, int n, int C, int iters,
  * Also writes the normalised values xhat and 1/std for the backward (xhat replaces res
  * among the saved tensors, so saving it costs no memory); both NULL when nothing needs
  * gradients (evaluation), which then allocates and writes one [T, n, C] tensor less. */
-static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
+static void post_forward(int n, int64_t t0, int64_t t1, int C, double eps,
                          const real *restrict res, const real *restrict h_post, const real *restrict f,
                          const real *restrict w, const real *restrict b,
                          real *restrict out, real *restrict xhat, real *restrict rstd)
@@ -287,7 +313,7 @@ static void post_forward(int64_t t0, int64_t t1, int n, int C, double eps,
 /* Its backward: dy = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = g w;
  * dres = dy, dh = <dy, f>, df = sum_k h_k dy_k; this range's weight and bias gradients go
  * to g_w, g_b (C each). */
-static void post_backward(int64_t t0, int64_t t1, int n, int C,
+static void post_backward(int n, int64_t t0, int64_t t1, int C,
                           const real *restrict xhat, const real *restrict rstd, const real *restrict h_post,
                           const real *restrict f, const real *restrict w, const real *restrict g,
                           real *restrict g_res, real *restrict g_post, real *restrict g_f,
@@ -345,7 +371,7 @@ static int thread_index(void)
 
 /* The entry points. Per-thread sums of parameter gradients go to row thread_index() of
  * [threads][size] outputs, which the caller zeroes and adds up. */
-void mhc_pre_forward(int64_t tokens, int threads, int n, int C, int iters,
+void mhc_pre_forward(int64_t tokens, int threads, int C, int iters,
                      const real *x, const real *raw, const real *alpha, const real *bias,
                      real *res, real *branch, real *h_post)
 {
@@ -353,26 +379,26 @@ void mhc_pre_forward(int64_t tokens, int threads, int n, int C, int iters,
     {
         int64_t t0, t1;
         share(tokens, &t0, &t1);
-        pre_forward(t0, t1, n, C, iters, x, raw, alpha, bias, res, branch, h_post);
+        pre_forward(STREAMS, t0, t1, C, iters, x, raw, alpha, bias, res, branch, h_post);
     }
 }
 
 /* Returns 0, or 1 when a thread could not allocate its Sinkhorn scratch (gradients unset). */
-int mhc_pre_backward(int64_t tokens, int threads, int n, int C, int iters,
+int mhc_pre_backward(int64_t tokens, int threads, int C, int iters,
                      const real *x, const real *raw, const real *alpha, const real *bias,
                      const real *g_res, const real *g_branch, const real *g_post,
                      real *g_x, real *g_raw, real *g_alpha, real *g_bias)
 {
-    int K = 2 * n + n * n, failed = 0;
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         int64_t t0, t1;
         share(tokens, &t0, &t1);
         int me = thread_index();
-        lanes *sums = malloc(sizeof(lanes) * 2 * (size_t)iters * n);
+        lanes *sums = malloc(sizeof(lanes) * 2 * (size_t)iters * STREAMS);
         if (sums)
-            pre_backward(t0, t1, n, C, iters, x, raw, alpha, bias, g_res, g_branch, g_post, g_x, g_raw,
-                         g_alpha + 3 * me, g_bias + K * me, sums);
+            pre_backward(STREAMS, t0, t1, C, iters, x, raw, alpha, bias, g_res, g_branch, g_post, g_x, g_raw,
+                         g_alpha + 3 * me, g_bias + COEFS * me, sums);
         else {
 #pragma omp atomic write
             failed = 1;
@@ -382,7 +408,7 @@ int mhc_pre_backward(int64_t tokens, int threads, int n, int C, int iters,
     return failed;
 }
 
-void mhc_post_forward(int64_t tokens, int threads, int n, int C, double eps,
+void mhc_post_forward(int64_t tokens, int threads, int C, double eps,
                       const real *res, const real *h_post, const real *f, const real *w, const real *b,
                       real *out, real *xhat, real *rstd)
 {
@@ -390,11 +416,11 @@ void mhc_post_forward(int64_t tokens, int threads, int n, int C, double eps,
     {
         int64_t t0, t1;
         share(tokens, &t0, &t1);
-        post_forward(t0, t1, n, C, eps, res, h_post, f, w, b, out, xhat, rstd);
+        post_forward(STREAMS, t0, t1, C, eps, res, h_post, f, w, b, out, xhat, rstd);
     }
 }
 
-void mhc_post_backward(int64_t tokens, int threads, int n, int C,
+void mhc_post_backward(int64_t tokens, int threads, int C,
                        const real *xhat, const real *rstd, const real *h_post, const real *f, const real *w,
                        const real *g, real *g_res, real *g_post, real *g_f, real *g_w, real *g_b)
 {
@@ -403,6 +429,6 @@ void mhc_post_backward(int64_t tokens, int threads, int n, int C,
         int64_t t0, t1;
         share(tokens, &t0, &t1);
         int me = thread_index();
-        post_backward(t0, t1, n, C, xhat, rstd, h_post, f, w, g, g_res, g_post, g_f, g_w + C * me, g_b + C * me);
+        post_backward(STREAMS, t0, t1, C, xhat, rstd, h_post, f, w, g, g_res, g_post, g_f, g_w + C * me, g_b + C * me);
     }
 }

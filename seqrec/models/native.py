@@ -5,7 +5,8 @@ sub-layer over every token; on CPU their launches and intermediates cost as much
 sub-layers themselves (docs/PERFORMANCE.md § mHC overhead). A small C kernel that does a
 token's work in registers removes that (and the post-LN update after the sub-layer). It
 needs no PyTorch headers, so it compiles in about a second with the system C compiler
-(`$CC`, default `cc`) on first use and is cached per source, flags and CPU under
+(`$CC`, default `cc`) on first use for each dtype and expansion rate, and is cached per
+source, flags and CPU under
 `$SEQREC_CACHE_DIR` (default ~/.cache/seqrec). Without a compiler `library` returns None
 and MHCResidual keeps its PyTorch path.
 """
@@ -30,7 +31,7 @@ SOURCE = Path(__file__).with_name("mhc_kernels.c")
 # -fopenmp links libgomp.so.1, which resolves to the copy PyTorch has loaded (same soname),
 # so the kernel's threads are PyTorch's; a compiler without OpenMP builds a serial kernel.
 FLAGS = ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
-         "-fno-signed-zeros", "-fassociative-math"]
+         "-fno-signed-zeros", "-fassociative-math", "-ffp-contract=fast"]
 OPENMP = ["-fopenmp"]
 REALS = {torch.float32: "float", torch.float64: "double"}
 MIN_TOKENS_PER_THREAD = 64  # measured: 2 threads already halve a 128-token call (48 -> 29 us)
@@ -46,14 +47,15 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def build(real: str) -> Path:
-    """The shared library for one element type, compiled unless already cached; written to
-    a temporary name and renamed, so ranks compiling at once never load a partial file."""
+def build(real: str, streams: int) -> Path:
+    """The shared library for one element type and expansion rate, compiled unless already
+    cached; written to a temporary name and renamed, so ranks compiling at once never load a
+    partial file."""
     compiler = os.environ.get("CC", "cc")
-    flags = [*FLAGS, f"-DREAL={real}"]
+    flags = [*FLAGS, f"-DREAL={real}", f"-DSTREAMS={streams}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SEQREC_CACHE_DIR", Path.home() / ".cache" / "seqrec"))
-    target = cache / f"mhc_kernels_{real}_{key}.so"
+    target = cache / f"mhc_kernels_{real}_n{streams}_{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
@@ -71,21 +73,21 @@ def build(real: str) -> Path:
 
 
 @functools.cache
-def library(dtype: torch.dtype) -> ctypes.CDLL | None:
-    """The kernels for float32 or float64 tensors, or None (with one warning) when they
-    cannot be built here."""
+def library(dtype: torch.dtype, streams: int) -> ctypes.CDLL | None:
+    """The kernels for float32 or float64 tensors with `streams` residual streams, or None
+    (with one warning) when they cannot be built here."""
     try:
-        lib = ctypes.CDLL(str(build(REALS[dtype])))
+        lib = ctypes.CDLL(str(build(REALS[dtype], streams)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", None) or err
         warnings.warn(f"mHC: no compiled CPU kernel ({str(detail).strip()[:200]}); using the PyTorch path",
                       RuntimeWarning, stacklevel=2)
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.mhc_pre_forward.argtypes = [i64, i32, i32, i32, i32] + [pointer] * 7
-    lib.mhc_pre_backward.argtypes = [i64, i32, i32, i32, i32] + [pointer] * 11
-    lib.mhc_post_forward.argtypes = [i64, i32, i32, i32, ctypes.c_double] + [pointer] * 8
-    lib.mhc_post_backward.argtypes = [i64, i32, i32, i32] + [pointer] * 11
+    lib.mhc_pre_forward.argtypes = [i64, i32, i32, i32] + [pointer] * 7
+    lib.mhc_pre_backward.argtypes = [i64, i32, i32, i32] + [pointer] * 11
+    lib.mhc_post_forward.argtypes = [i64, i32, i32, ctypes.c_double] + [pointer] * 8
+    lib.mhc_post_backward.argtypes = [i64, i32, i32] + [pointer] * 11
     lib.mhc_pre_backward.restype = i32
     return lib
 
@@ -134,7 +136,7 @@ class PreMix(torch.autograd.Function):
         with full_precision():
             raw = x.view(tokens, n * dim) @ phi
         res, branch, h_post = torch.empty_like(x), x.new_empty(*lead, dim), x.new_empty(*lead, n)
-        run(library(x.dtype).mhc_pre_forward, tokens, threads_for(tokens), x.dtype, n, dim, iters, x, raw,
+        run(library(x.dtype, n).mhc_pre_forward, tokens, threads_for(tokens), x.dtype, dim, iters, x, raw,
             alpha.contiguous(), bias.contiguous(), res, branch, h_post)
         ctx.save_for_backward(x, phi, alpha, bias, raw)
         ctx.iters = iters
@@ -150,7 +152,7 @@ class PreMix(torch.autograd.Function):
         g_x, g_raw = torch.empty_like(x), torch.empty_like(raw)
         g_alpha, g_bias = x.new_zeros(threads, 3), x.new_zeros(threads, raw.shape[1])
         grads = [g.to(x.dtype).contiguous() for g in (g_res, g_branch, g_post)]
-        if run(library(x.dtype).mhc_pre_backward, tokens, threads, x.dtype, n, dim, ctx.iters, x, raw,
+        if run(library(x.dtype, n).mhc_pre_backward, tokens, threads, x.dtype, dim, ctx.iters, x, raw,
                alpha.contiguous(), bias.contiguous(), *grads, g_x, g_raw, g_alpha, g_bias):
             raise MemoryError("mHC kernel: no memory for the Sinkhorn backward's scratch")
         with full_precision():
@@ -176,7 +178,7 @@ class PostNorm(torch.autograd.Function):
         tokens = h_post.numel() // n
         out = torch.empty_like(res)
         xhat, rstd = (torch.empty_like(res), torch.empty_like(h_post)) if save else (None, None)
-        run(library(res.dtype).mhc_post_forward, tokens, threads_for(tokens), res.dtype, n, dim, eps, res, h_post,
+        run(library(res.dtype, n).mhc_post_forward, tokens, threads_for(tokens), res.dtype, dim, eps, res, h_post,
             f, weight.contiguous(), bias.contiguous(), out, xhat, rstd)
         ctx.save_for_backward(xhat, rstd, h_post, f, weight)
         return out
@@ -190,6 +192,6 @@ class PostNorm(torch.autograd.Function):
         threads = threads_for(tokens)
         g_res, g_post, g_f = torch.empty_like(xhat), torch.empty_like(h_post), torch.empty_like(f)
         g_w, g_b = xhat.new_zeros(threads, dim), xhat.new_zeros(threads, dim)
-        run(library(xhat.dtype).mhc_post_backward, tokens, threads, xhat.dtype, n, dim, xhat, rstd, h_post, f,
+        run(library(xhat.dtype, n).mhc_post_backward, tokens, threads, xhat.dtype, dim, xhat, rstd, h_post, f,
             weight.contiguous(), grad.to(xhat.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b)
         return g_res, g_post, g_f, g_w.sum(0), g_b.sum(0), None, None
