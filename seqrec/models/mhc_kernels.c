@@ -281,63 +281,64 @@ static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
 /* Post-LN update after the sub-layer: out_k = LayerNorm(res_k + h_post[k] * f) for each of
  * a token's n streams (one LayerNorm over C with weight w and bias b, shared by the
  * streams), as MHCResidual does with PyTorch ops in two passes plus LayerNorm's own.
- * Also writes the normalised values xhat and 1/std for the backward (xhat replaces res
- * among the saved tensors, so saving it costs no memory); both NULL when nothing needs
- * gradients (evaluation), which then allocates and writes one [T, n, C] tensor less. */
+ * For the backward it writes each stream's mean and 1/std (stats: [T][n][2], or NULL in
+ * evaluation); the backward recomputes the normalised values from res, which the caller
+ * keeps, so the forward writes one [T, n, C] tensor (out) and no copy of the normalised
+ * values. */
 static void post_forward(int n, int64_t t0, int64_t t1, int C, double eps,
                          const real *restrict res, const real *restrict h_post, const real *restrict f,
-                         const real *restrict w, const real *restrict b,
-                         real *restrict out, real *restrict xhat, real *restrict rstd)
+                         const real *restrict w, const real *restrict b, real *restrict out, real *restrict stats)
 {
     for (int64_t t = t0; t < t1; ++t)
         for (int k = 0; k < n; ++k) {
             int64_t row = (t * n + k) * C;
-            const real *ft = f + t * C, h = h_post[t * n + k];
-            real *xh = xhat ? xhat + row : out + row, mean = 0, var = 0;  /* no xhat: inference */
+            const real *restrict ft = f + t * C, *restrict rk = res + row, h = h_post[t * n + k];
+            real *restrict o = out + row, mean = 0, var = 0;
             for (int c = 0; c < C; ++c) {
-                xh[c] = res[row + c] + h * ft[c];
-                mean += xh[c];
+                o[c] = rk[c] + h * ft[c];
+                mean += o[c];
             }
             mean /= C;
-            for (int c = 0; c < C; ++c) var += (xh[c] - mean) * (xh[c] - mean);
+            for (int c = 0; c < C; ++c) var += (o[c] - mean) * (o[c] - mean);
             real r = 1 / sqrt(var / C + (real)eps);
-            for (int c = 0; c < C; ++c) {
-                xh[c] = (xh[c] - mean) * r;
-                out[row + c] = xh[c] * w[c] + b[c];
+            for (int c = 0; c < C; ++c) o[c] = (o[c] - mean) * r * w[c] + b[c];
+            if (stats) {
+                stats[2 * (t * n + k)] = mean;
+                stats[2 * (t * n + k) + 1] = r;
             }
-            if (rstd)
-                rstd[t * n + k] = r;
         }
 }
 
-/* Its backward: dy = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = g w;
- * dres = dy, dh = <dy, f>, df = sum_k h_k dy_k; this range's weight and bias gradients go
- * to g_w, g_b (C each). */
+/* Its backward: with xhat = (res_k + h_k f - mean) rstd recomputed and dxhat = g w,
+ * dy = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)); dres = dy, dh = <dy, f>,
+ * df = sum_k h_k dy_k; this range's weight and bias gradients go to g_w, g_b (C each). */
 static void post_backward(int n, int64_t t0, int64_t t1, int C,
-                          const real *restrict xhat, const real *restrict rstd, const real *restrict h_post,
+                          const real *restrict res, const real *restrict stats, const real *restrict h_post,
                           const real *restrict f, const real *restrict w, const real *restrict g,
                           real *restrict g_res, real *restrict g_post, real *restrict g_f,
                           real *restrict g_w, real *restrict g_b)
 {
     for (int64_t t = t0; t < t1; ++t) {
-        const real *ft = f + t * C;
-        real *gf = g_f + t * C;
+        const real *restrict ft = f + t * C;
+        real *restrict gf = g_f + t * C;
         for (int c = 0; c < C; ++c) gf[c] = 0;
         for (int k = 0; k < n; ++k) {
             int64_t row = (t * n + k) * C;
-            const real *xh = xhat + row, *gk = g + row, h = h_post[t * n + k], r = rstd[t * n + k];
-            real *dy = g_res + row, m1 = 0, m2 = 0, dh = 0;
+            const real *restrict rk = res + row, *restrict gk = g + row, h = h_post[t * n + k];
+            real mean = stats[2 * (t * n + k)], r = stats[2 * (t * n + k) + 1];
+            real *restrict dy = g_res + row, m1 = 0, m2 = 0, dh = 0;
             for (int c = 0; c < C; ++c) {
-                real d = gk[c] * w[c];
+                real xh = (rk[c] + h * ft[c] - mean) * r, d = gk[c] * w[c];
                 m1 += d;
-                m2 += d * xh[c];
-                g_w[c] += gk[c] * xh[c];
+                m2 += d * xh;
+                g_w[c] += gk[c] * xh;
                 g_b[c] += gk[c];
             }
             m1 /= C;
             m2 /= C;
             for (int c = 0; c < C; ++c) {
-                dy[c] = r * (gk[c] * w[c] - m1 - xh[c] * m2);
+                real xh = (rk[c] + h * ft[c] - mean) * r;
+                dy[c] = r * (gk[c] * w[c] - m1 - xh * m2);
                 dh += dy[c] * ft[c];
                 gf[c] += h * dy[c];
             }
@@ -410,18 +411,18 @@ int mhc_pre_backward(int64_t tokens, int threads, int C, int iters,
 
 void mhc_post_forward(int64_t tokens, int threads, int C, double eps,
                       const real *res, const real *h_post, const real *f, const real *w, const real *b,
-                      real *out, real *xhat, real *rstd)
+                      real *out, real *stats)
 {
 #pragma omp parallel num_threads(threads)
     {
         int64_t t0, t1;
         share(tokens, &t0, &t1);
-        post_forward(STREAMS, t0, t1, C, eps, res, h_post, f, w, b, out, xhat, rstd);
+        post_forward(STREAMS, t0, t1, C, eps, res, h_post, f, w, b, out, stats);
     }
 }
 
 void mhc_post_backward(int64_t tokens, int threads, int C,
-                       const real *xhat, const real *rstd, const real *h_post, const real *f, const real *w,
+                       const real *res, const real *stats, const real *h_post, const real *f, const real *w,
                        const real *g, real *g_res, real *g_post, real *g_f, real *g_w, real *g_b)
 {
 #pragma omp parallel num_threads(threads)
@@ -429,6 +430,6 @@ void mhc_post_backward(int64_t tokens, int threads, int C,
         int64_t t0, t1;
         share(tokens, &t0, &t1);
         int me = thread_index();
-        post_backward(STREAMS, t0, t1, C, xhat, rstd, h_post, f, w, g, g_res, g_post, g_f, g_w + C * me, g_b + C * me);
+        post_backward(STREAMS, t0, t1, C, res, stats, h_post, f, w, g, g_res, g_post, g_f, g_w + C * me, g_b + C * me);
     }
 }

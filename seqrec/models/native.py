@@ -86,7 +86,7 @@ def library(dtype: torch.dtype, streams: int) -> ctypes.CDLL | None:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mhc_pre_forward.argtypes = [i64, i32, i32, i32] + [pointer] * 7
     lib.mhc_pre_backward.argtypes = [i64, i32, i32, i32] + [pointer] * 11
-    lib.mhc_post_forward.argtypes = [i64, i32, i32, ctypes.c_double] + [pointer] * 8
+    lib.mhc_post_forward.argtypes = [i64, i32, i32, ctypes.c_double] + [pointer] * 7
     lib.mhc_post_backward.argtypes = [i64, i32, i32] + [pointer] * 11
     lib.mhc_pre_backward.restype = i32
     return lib
@@ -165,10 +165,11 @@ class PostNorm(torch.autograd.Function):
     """The post-LN update after the sub-layer on the compiled kernel: res [..., n, C],
     h_post [..., n], the sub-layer output f [..., C] -> LayerNorm(res + h_post ⊗ f) per
     stream (weight, bias [C], eps). One pass each way instead of the update's and
-    LayerNorm's several. The forward saves the normalised values in place of res (same
-    size), so the backward needs no statistics pass; `save=False` skips them when no
-    gradient is wanted (evaluation; grad mode is always off inside forward, so the caller
-    says)."""
+    LayerNorm's several. The forward allocates only its output: it keeps res and each
+    stream's mean and 1/std ([..., n, 2]), and the backward recomputes the normalised
+    values from them (a copy of them would be one more [..., n, C] tensor to allocate and
+    write). `save=False` (evaluation; grad mode is always off inside forward, so the caller
+    says) keeps nothing."""
 
     @staticmethod
     def forward(ctx, res: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
@@ -177,21 +178,22 @@ class PostNorm(torch.autograd.Function):
         res, h_post, f = res.contiguous(), h_post.contiguous(), f.contiguous()
         tokens = h_post.numel() // n
         out = torch.empty_like(res)
-        xhat, rstd = (torch.empty_like(res), torch.empty_like(h_post)) if save else (None, None)
+        stats = res.new_empty(*h_post.shape, 2) if save else None
         run(library(res.dtype, n).mhc_post_forward, tokens, threads_for(tokens), res.dtype, dim, eps, res, h_post,
-            f, weight.contiguous(), bias.contiguous(), out, xhat, rstd)
-        ctx.save_for_backward(xhat, rstd, h_post, f, weight)
+            f, weight.contiguous(), bias.contiguous(), out, stats)
+        if save:
+            ctx.save_for_backward(res, stats, h_post, f, weight)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        xhat, rstd, h_post, f, weight = ctx.saved_tensors
-        n, dim = xhat.shape[-2:]
+        res, stats, h_post, f, weight = ctx.saved_tensors
+        n, dim = res.shape[-2:]
         tokens = h_post.numel() // n
         threads = threads_for(tokens)
-        g_res, g_post, g_f = torch.empty_like(xhat), torch.empty_like(h_post), torch.empty_like(f)
-        g_w, g_b = xhat.new_zeros(threads, dim), xhat.new_zeros(threads, dim)
-        run(library(xhat.dtype, n).mhc_post_backward, tokens, threads, xhat.dtype, dim, xhat, rstd, h_post, f,
-            weight.contiguous(), grad.to(xhat.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b)
+        g_res, g_post, g_f = torch.empty_like(res), torch.empty_like(h_post), torch.empty_like(f)
+        g_w, g_b = res.new_zeros(threads, dim), res.new_zeros(threads, dim)
+        run(library(res.dtype, n).mhc_post_backward, tokens, threads, res.dtype, dim, res, stats, h_post, f,
+            weight.contiguous(), grad.to(res.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b)
         return g_res, g_post, g_f, g_w.sum(0), g_b.sum(0), None, None
