@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import hostmem
 from .config import TrainConfig
 
 SIZES = {
@@ -115,6 +116,8 @@ def run_case(spec: dict) -> dict:
     from .evaluate import evaluate
     from .trainer import Trainer
     device = torch.device(spec["device"])
+    if device.type == "cpu":
+        hostmem.retain_freed_memory()  # as the trainer's CLI does
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     cfg = Config()

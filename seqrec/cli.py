@@ -19,7 +19,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from . import provenance
+from . import hostmem, provenance
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, DistConfig, from_dict, parse_config, to_dict
 from .data import DataError, SequenceTensors, load_sequences, resolve_path
@@ -97,6 +97,8 @@ def run_inference(cfg: Config, device: torch.device) -> dict:
 
 def run(cfg: Config) -> dict:
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        hostmem.retain_freed_memory()
     if cfg.dist.multi_gpu and not dist.launched():
         raise ConfigError("--multi_gpu needs a distributed launch: torchrun --nproc_per_node=N main.py ...")
     dist.init(device, cfg.dist.backend, cfg.dist.master_port)
