@@ -155,9 +155,9 @@ class PreMix(torch.autograd.Function):
         if run(library(x.dtype, n).mhc_pre_backward, tokens, threads, x.dtype, dim, ctx.iters, x, raw,
                alpha.contiguous(), bias.contiguous(), *grads, g_x, g_raw, g_alpha, g_bias):
             raise MemoryError("mHC kernel: no memory for the Sinkhorn backward's scratch")
-        with full_precision():
-            g_x.view(tokens, n * dim).addmm_(g_raw, phi.t())
-            g_phi = x.view(tokens, n * dim).t() @ g_raw
+        with full_precision():  # the layouts MKL runs fastest for these shapes (measured, 3,200 tokens)
+            g_x.view(tokens, n * dim).addmm_(g_raw, phi.t().contiguous())
+            g_phi = (g_raw.t() @ x.view(tokens, n * dim)).t()
         return g_x, g_phi, g_alpha.sum(0), g_bias.sum(0), None
 
 
