@@ -117,7 +117,9 @@ class TrainConfig:
 class EvalConfig:
     eval_negatives: int = opt(100, "negatives per user in the sampled protocol")
     eval_seed: int = opt(0, "seed of the sampled-protocol negatives (shared by all runs, independent of --seed)")
-    eval_batch_size: int = opt(512, "users per evaluation batch")
+    eval_batch_size: int = opt(0, "users per evaluation batch (0: 512 on GPU, 64 on CPU, where larger batches' "
+                                  "activations exceed malloc's 32 MB mmap threshold and are page-faulted in again "
+                                  "every batch)")
     topk: list = opt([1, 5, 10, 20], "cut-offs K for full-ranking Recall/NDCG/MRR")
     mask_history: bool = opt(False, "full ranking: exclude the user's history from the ranking (papers: off)")
     eval_item_chunk: int = opt(65536, "full ranking: score at most this many items at a time (memory: eval_batch_size "
@@ -240,7 +242,7 @@ def validate(cfg: Config) -> Config:
         "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
         "max_bad_steps": t.max_bad_steps, "log_every": t.log_every, "grad_accum_steps": t.grad_accum_steps,
         "ce_chunk_size": t.ce_chunk_size,
-        "eval_negatives": e.eval_negatives, "eval_batch_size": e.eval_batch_size, "eval_item_chunk": e.eval_item_chunk,
+        "eval_negatives": e.eval_negatives, "eval_item_chunk": e.eval_item_chunk,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -248,6 +250,7 @@ def validate(cfg: Config) -> Config:
     non_negative = {
         "warmup_steps": t.warmup_steps, "l2_emb": t.l2_emb, "grad_clip": t.grad_clip,
         "early_stop_patience": t.early_stop_patience, "save_every_steps": t.save_every_steps,
+        "eval_batch_size": e.eval_batch_size,
         "num_negatives": t.num_negatives, "length_buckets": t.length_buckets,
         "min_user_count": cfg.data.min_user_count,
         "min_item_count": cfg.data.min_item_count, "num_workers": cfg.data.num_workers,

@@ -5,9 +5,11 @@ raised to the largest block freed so far, at most 32 MB) with mmap and gives the
 the system when freed, and trims the top of its heap once more than twice that lies free
 there. A training or evaluation step allocates and frees the same activations every
 micro-batch, so without this they are page-faulted in again (and zeroed by the kernel)
-each time: over 30 SASRec+mHC training steps at the seed size on one thread, 340,000 minor
-page faults and 1.05 s of system time, against 93,000 and 0.42 s with the thresholds below,
-at the same peak RSS (docs/PERFORMANCE.md § Host memory).
+each time: over 30 SASRec+mHC training steps at the seed size on one thread, 268,000–326,000
+minor page faults and 1.0–1.35 s of system time, against 90,000–91,000 and 0.55 s with the
+thresholds below, at the same peak RSS (docs/PERFORMANCE.md § Host memory). Blocks above
+32 MB are mapped whatever the thresholds, which is why CPU evaluation batches are small
+(`evaluate.eval_batch_size`).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from . import distributed as dist
 from . import provenance
 from .config import Config, to_dict
 from .data.tensors import SequenceTensors
-from .evaluate import evaluate, format_metrics
+from .evaluate import eval_batch_size, evaluate, format_metrics
 from .losses import build_loss
 from .models import build_model
 from .models.mhc import composite_gain
@@ -287,7 +287,8 @@ class Trainer:
         split = self.data.splits["valid"]
         metrics = evaluate(self.model, split, self.cfg.eval, self.data.num_items)
         if self.cfg.model.mhc:
-            metrics.update(composite_gain(self.model, split.batch(slice(0, self.cfg.eval.eval_batch_size))))
+            first = split.batch(slice(0, eval_batch_size(self.cfg.eval, self.device)))
+            metrics.update(composite_gain(self.model, first))
         return metrics
 
     def _track_best(self, metrics: dict) -> bool:

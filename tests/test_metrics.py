@@ -5,7 +5,7 @@ import torch
 
 from seqrec.config import EvalConfig
 from seqrec.data.tensors import EvalSplit
-from seqrec.evaluate import evaluate
+from seqrec.evaluate import eval_batch_size, evaluate
 from seqrec.metrics import metric_sums, pessimistic_rank
 
 
@@ -137,3 +137,10 @@ def test_chunked_full_ranking_equals_one_product(data_file, mask_history):
     cfg.eval.eval_item_chunk = 7
     assert data.num_items + 1 > 2 * 7
     assert evaluate(model, data.splits["test"], cfg.eval, data.num_items, ("full",)) == whole
+
+
+def test_evaluation_batch_default_depends_on_the_device():
+    """0 picks 512 users on a GPU and 64 on CPU (docs/PERFORMANCE.md § Host memory); a set value wins."""
+    assert eval_batch_size(EvalConfig(), torch.device("cpu")) == 64
+    assert eval_batch_size(EvalConfig(), torch.device("cuda")) == 512
+    assert eval_batch_size(EvalConfig(eval_batch_size=7), torch.device("cpu")) == 7
