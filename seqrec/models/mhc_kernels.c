@@ -15,9 +15,10 @@
  * they vectorise), and the backward recomputes the coefficients instead of storing them.
  *
  * Compiled by seqrec/models/native.py once per dtype and expansion rate (-DREAL=float or
- * double, -DSTREAMS=n) and called through ctypes. Each entry point splits its tokens over `threads` OpenMP threads; built
- * with -fopenmp against the libgomp.so.1 PyTorch has already loaded, they run on PyTorch's
- * own thread pool (a second pool would compete with PyTorch's spinning threads).
+ * double, -DSTREAMS=n) and called through ctypes. Each entry point splits its tokens over
+ * `threads` OpenMP threads; built with -fopenmp against the libgomp.so.1 PyTorch has already
+ * loaded, they run on PyTorch's own thread pool (a second pool would compete with PyTorch's
+ * spinning threads).
  * Must match MHCResidual's PyTorch path; tests/test_mhc_native.py checks both directions.
  */
 #include <stdint.h>

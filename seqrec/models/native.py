@@ -6,9 +6,8 @@ sub-layers themselves (docs/PERFORMANCE.md § mHC overhead). A small C kernel th
 token's work in registers removes that (and the post-LN update after the sub-layer). It
 needs no PyTorch headers, so it compiles in about a second with the system C compiler
 (`$CC`, default `cc`) on first use for each dtype and expansion rate, and is cached per
-source, flags and CPU under
-`$SEQREC_CACHE_DIR` (default ~/.cache/seqrec). Without a compiler `library` returns None
-and MHCResidual keeps its PyTorch path.
+source, flags and CPU under `$SEQREC_CACHE_DIR` (default ~/.cache/seqrec). Without a
+compiler `library` returns None and MHCResidual keeps its PyTorch path.
 """
 from __future__ import annotations
 
