@@ -210,8 +210,10 @@ static void pre_forward(int n, int64_t t0, int64_t t1, int C, int iters,
 }
 
 /* Gradients of x (mixing and RMS terms; the caller adds graw @ phi^T), of raw (graw), and
- * this range's sums of the alpha (3) and bias (K) gradients. `sums` is scratch of
- * 2*iters*n*LANES reals. */
+ * this range's sums of the alpha (3) and bias (K) gradients, added to g_alpha and g_bias at
+ * the end (summed on the stack meanwhile: the threads' output rows share cache lines, and
+ * writing them per block made the threads invalidate each other's copies). `sums` is
+ * scratch of 2*iters*n*LANES reals. */
 static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
                          const real *restrict x, const real *restrict raw, const real *restrict alpha,
                          const real *restrict bias,
@@ -221,7 +223,7 @@ static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
 {
     int D = n * C, K = 2 * n + n * n;
     lanes logit[COEFS], g_logit[COEFS], h_res[STREAMS * STREAMS], gate[2 * STREAMS];
-    real r[LANES];
+    real r[LANES], alpha_sum[3] = {0}, bias_sum[COEFS] = {0};
     for (int64_t tb = t0; tb < t1; tb += LANES) {
         int count = t1 - tb < LANES ? (int)(t1 - tb) : LANES;
         block_logits(n, C, tb, count, x, raw, alpha, bias, logit, r);
@@ -257,7 +259,7 @@ static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
         for (int k = 0; k < K; ++k) {
             real sum = 0;
             for (int l = 0; l < LANES; ++l) sum += g_logit[k][l];  /* lanes past count are 0 */
-            g_bias[k] += sum;
+            bias_sum[k] += sum;
         }
         for (int l = 0; l < count; ++l) {
             int64_t t = tb + l;
@@ -270,13 +272,15 @@ static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
                     dot += g_logit[k][l] * rawt[k];
                     g_raw[t * K + k] = scale * g_logit[k][l];
                 }
-                g_alpha[group] += r[l] * dot;
+                alpha_sum[group] += r[l] * dot;
                 g_r += alpha[group] * dot;
             }
             real scale = -r[l] * r[l] * r[l] * g_r / D;
             for (int i = 0; i < D; ++i) gx[i] += scale * xt[i];
         }
     }
+    for (int group = 0; group < 3; ++group) g_alpha[group] += alpha_sum[group];
+    for (int k = 0; k < K; ++k) g_bias[k] += bias_sum[k];
 }
 
 /* Post-LN update after the sub-layer: out_k = LayerNorm(res_k + h_post[k] * f) for each of
@@ -312,7 +316,8 @@ static void post_forward(int n, int64_t t0, int64_t t1, int C, double eps,
 
 /* Its backward: with xhat = (res_k + h_k f - mean) rstd recomputed and dxhat = g w,
  * dy = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)); dres = dy, dh = <dy, f>,
- * df = sum_k h_k dy_k; this range's weight and bias gradients go to g_w, g_b (C each). */
+ * df = sum_k h_k dy_k; this range's weight and bias gradients are added to g_w, g_b (C each;
+ * the caller gives each thread its own, see mhc_post_backward). */
 static void post_backward(int n, int64_t t0, int64_t t1, int C,
                           const real *restrict res, const real *restrict stats, const real *restrict h_post,
                           const real *restrict f, const real *restrict w, const real *restrict g,
@@ -422,15 +427,35 @@ void mhc_post_forward(int64_t tokens, int threads, int C, double eps,
     }
 }
 
-void mhc_post_backward(int64_t tokens, int threads, int C,
-                       const real *res, const real *stats, const real *h_post, const real *f, const real *w,
-                       const real *g, real *g_res, real *g_post, real *g_f, real *g_w, real *g_b)
+/* Returns 0, or 1 when a thread could not allocate its sums (gradients unset). Each thread sums
+ * its weight and bias gradients in its own cache lines and copies them to its output rows at
+ * the end: they are updated for every stream of every token, and rows of C reals side by
+ * side share a cache line, which two threads writing it pass back and forth (it made the
+ * two-thread backward no faster than one). */
+int mhc_post_backward(int64_t tokens, int threads, int C,
+                      const real *res, const real *stats, const real *h_post, const real *f, const real *w,
+                      const real *g, real *g_res, real *g_post, real *g_f, real *g_w, real *g_b)
 {
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         int64_t t0, t1;
         share(tokens, &t0, &t1);
         int me = thread_index();
-        post_backward(STREAMS, t0, t1, C, res, stats, h_post, f, w, g, g_res, g_post, g_f, g_w + C * me, g_b + C * me);
+        size_t bytes = (2 * (size_t)C * sizeof(real) + 63) / 64 * 64;
+        real *sums = aligned_alloc(64, bytes);
+        if (sums) {
+            for (int c = 0; c < 2 * C; ++c) sums[c] = 0;
+            post_backward(STREAMS, t0, t1, C, res, stats, h_post, f, w, g, g_res, g_post, g_f, sums, sums + C);
+            for (int c = 0; c < C; ++c) {
+                g_w[C * me + c] = sums[c];
+                g_b[C * me + c] = sums[C + c];
+            }
+        } else {
+#pragma omp atomic write
+            failed = 1;
+        }
+        free(sums);
     }
+    return failed;
 }

@@ -87,7 +87,7 @@ def library(dtype: torch.dtype, streams: int) -> ctypes.CDLL | None:
     lib.mhc_pre_backward.argtypes = [i64, i32, i32, i32] + [pointer] * 11
     lib.mhc_post_forward.argtypes = [i64, i32, i32, ctypes.c_double] + [pointer] * 7
     lib.mhc_post_backward.argtypes = [i64, i32, i32] + [pointer] * 11
-    lib.mhc_pre_backward.restype = i32
+    lib.mhc_pre_backward.restype = lib.mhc_post_backward.restype = i32
     return lib
 
 
@@ -192,7 +192,8 @@ class PostNorm(torch.autograd.Function):
         tokens = h_post.numel() // n
         threads = threads_for(tokens)
         g_res, g_post, g_f = torch.empty_like(res), torch.empty_like(h_post), torch.empty_like(f)
-        g_w, g_b = res.new_zeros(threads, dim), res.new_zeros(threads, dim)
-        run(library(res.dtype, n).mhc_post_backward, tokens, threads, res.dtype, dim, res, stats, h_post, f,
-            weight.contiguous(), grad.to(res.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b)
+        g_w, g_b = res.new_empty(threads, dim), res.new_empty(threads, dim)
+        if run(library(res.dtype, n).mhc_post_backward, tokens, threads, res.dtype, dim, res, stats, h_post, f,
+               weight.contiguous(), grad.to(res.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b):
+            raise MemoryError("mHC kernel: no memory for the post-LN backward's sums")
         return g_res, g_post, g_f, g_w.sum(0), g_b.sum(0), None, None
