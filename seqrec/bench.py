@@ -229,24 +229,56 @@ def _group(row: dict) -> tuple[str, int]:
     return row["size"], row["length_buckets"]
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per case, each figure the median over the rounds that measured it; rows of
+    failed cases are kept as they are."""
+    cases: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cases.setdefault((label(r), *_group(r), "error" in r), []).append(r)
+    out = []
+    for (*_, failed), group in cases.items():
+        if failed:
+            out.extend(group)
+            continue
+        out.append({**group[0], **{key: statistics.median(r[key] for r in group)
+                                   for key, value in group[0].items() if isinstance(value, float)}})
+    return out
+
+
 def ratios(rows: list[dict]) -> str:
-    """Same-run ratios: efficient vs literal TiSASRec and mHC (each n, on the CPU kernel or
-    on PyTorch ops) vs the same model without it (per size and bucketing), and each
-    variant's step without length buckets vs with them."""
-    by = {(label(r), *_group(r)): r for r in rows if "error" not in r}
+    """Ratios between cases of the same round (run one after the other, so the machine's
+    drift between rounds cancels): efficient vs literal TiSASRec and mHC (each n, on the CPU
+    kernel or on PyTorch ops) vs the same model without it (per size and bucketing), and each
+    variant's step without length buckets vs with them. Several rounds: the median of the
+    rounds' ratios, and their range."""
+    rounds: dict[int, dict] = {}
+    for r in rows:
+        if "error" not in r:
+            rounds.setdefault(r.get("round", 0), {})[(label(r), *_group(r))] = r
     baseline = {"tisasrec-literal": "tisasrec", "sasrec+mhc": "sasrec", "tisasrec+mhc": "tisasrec",
                 "sasrec+mhc-torch": "sasrec", "tisasrec+mhc-torch": "tisasrec"}
+    found: dict[tuple, list[tuple[float, ...]]] = {}
+    for by in rounds.values():
+        for (name, size, buckets), r in by.items():
+            other = by.get((baseline.get(r["variant"]), size, buckets))
+            if other is not None:
+                found.setdefault((size, buckets, name, other["variant"]), []).append(
+                    (r["s_per_step"] / other["s_per_step"], r["cpu_s_per_step"] / other["cpu_s_per_step"],
+                     r["peak_mem_gb"] / max(other["peak_mem_gb"], 1e-9)))
+            if buckets > 1 and (name, size, 1) in by:
+                found.setdefault((size, buckets, name), []).append((by[(name, size, 1)]["s_per_step"] / r["s_per_step"],))
     lines = []
-    for (name, size, buckets), r in by.items():
-        other = by.get((baseline.get(r["variant"]), size, buckets))
-        if other is not None:
-            lines.append(f"- {size}, buckets {buckets}: {name} / {other['variant']} = "
-                         f"{r['s_per_step'] / other['s_per_step']:.2f}x step time "
-                         f"({r['cpu_s_per_step'] / other['cpu_s_per_step']:.2f}x CPU time), "
-                         f"{r['peak_mem_gb'] / max(other['peak_mem_gb'], 1e-9):.2f}x peak memory")
-        if buckets > 1 and (name, size, 1) in by:
-            lines.append(f"- {size}: {name} step, buckets 1 / buckets {buckets} = "
-                         f"{by[(name, size, 1)]['s_per_step'] / r['s_per_step']:.2f}x")
+    for key, values in found.items():
+        mid = [statistics.median(v[i] for v in values) for i in range(len(values[0]))]
+        spread = (f" (step ratio {min(v[0] for v in values):.2f}-{max(v[0] for v in values):.2f} "
+                  f"over {len(values)} rounds)" if len(values) > 1 else "")
+        if len(key) == 4:
+            size, buckets, name, other = key
+            lines.append(f"- {size}, buckets {buckets}: {name} / {other} = {mid[0]:.2f}x step time "
+                         f"({mid[1]:.2f}x CPU time), {mid[2]:.2f}x peak memory{spread}")
+        else:
+            size, buckets, name = key
+            lines.append(f"- {size}: {name} step, buckets 1 / buckets {buckets} = {mid[0]:.2f}x{spread}")
     return "\n".join(lines)
 
 
@@ -267,12 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per case (0 = torch's default: all cores)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every case this many times, all cases once per round; the table gives "
+                             "each case's medians, the ratios the median of each round's ratio (a noisy "
+                             "machine's drift then hits both sides of a ratio alike)")
     parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
     parser.add_argument("--mhc_parts", type=int, metavar="TOKENS",
                         help="only time each part of one mHC sub-layer (n = the first --expansion_rates, d=50) "
                              "on TOKENS tokens, forward + backward, CPU ms")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.worker:
         print(json.dumps(run_case(json.loads(args.worker))))
         return 0
@@ -289,20 +327,22 @@ def main(argv: list[str] | None = None) -> int:
     rates = [int(n) for n in args.expansion_rates.split(",")]
     cases = [(size, variant, int(buckets), n) for size in sizes for variant in args.variants.split(",")
              for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
-    for size, variant, buckets, n in cases:
-        time_, mhc, mhc_native = VARIANTS[variant]
-        spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "mhc_native": mhc_native,
-                "expansion_rate": n, "device": args.device, "amp": args.amp, "batch_size": args.batch_size,
-                "steps": steps, "length_buckets": buckets, "threads": args.threads}
-        try:
-            rows.append(run_worker("seqrec.bench", spec))
-        except RuntimeError as err:
-            rows.append({**spec, "error": str(err)[:120]})
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    for round_ in range(args.rounds):
+        for size, variant, buckets, n in cases:
+            time_, mhc, mhc_native = VARIANTS[variant]
+            spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "mhc_native": mhc_native,
+                    "expansion_rate": n, "device": args.device, "amp": args.amp, "batch_size": args.batch_size,
+                    "steps": steps, "length_buckets": buckets, "threads": args.threads, "round": round_}
+            try:
+                rows.append(run_worker("seqrec.bench", spec))
+            except RuntimeError as err:
+                rows.append({**spec, "error": str(err)[:120]})
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    report = table(rows) + "\n\n" + ratios(rows) + "\n"
+    medians = f"Medians over {args.rounds} rounds.\n\n" if args.rounds > 1 else ""
+    report = medians + table(summarise(rows)) + "\n\n" + ratios(rows) + "\n"
     (out / "results.md").write_text(report)
     print(report)
     return 0

@@ -29,6 +29,31 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     assert json.dumps(rows)
 
 
+def test_several_rounds_give_medians_and_the_ratios_range():
+    """Ratios pair the cases of one round; the report gives their median and range, and the
+    table each case's median over the rounds."""
+    base = {"size": "seed", "length_buckets": 4, "mhc": False, "peak_mem_gb": 1.0, "cpu_s_per_step": 1.0}
+    rows = []
+    for round_, (plain, mhc) in enumerate([(1.0, 1.2), (2.0, 3.0), (1.0, 1.6)]):
+        rows += [{**base, "variant": "sasrec", "round": round_, "s_per_step": plain},
+                 {**base, "variant": "sasrec+mhc", "mhc": True, "expansion_rate": 4, "round": round_,
+                  "s_per_step": mhc}]
+    report = bench.ratios(rows)
+    # per round 1.2, 1.5, 1.6: median 1.5 (the medians' ratio, 1.6 / 1.0, would mix rounds)
+    assert "sasrec+mhc n=4 / sasrec = 1.50x step time (1.00x CPU time), 1.00x peak memory " \
+           "(step ratio 1.20-1.60 over 3 rounds)" in report
+    merged = {bench.label(r): r for r in bench.summarise(rows + [{**base, "variant": "tisasrec", "error": "x"}])}
+    assert merged["sasrec"]["s_per_step"] == 1.0 and merged["sasrec+mhc n=4"]["s_per_step"] == 1.6
+    assert merged["tisasrec"]["error"] == "x"
+
+
+def test_rounds_must_be_positive(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
 def bench_small():
     import numpy as np
 
