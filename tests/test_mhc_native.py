@@ -12,7 +12,7 @@ import torch
 
 from seqrec.config import ModelConfig
 from seqrec.models import native
-from seqrec.models.mhc import MHCResidual
+from seqrec.models.mhc import HyperStream, MHCResidual
 from seqrec.models.sasrec import FeedForward, SASRec
 from seqrec.models.tisasrec import TiSASRec
 
@@ -105,6 +105,35 @@ def test_post_kernel_without_gradients_gives_the_same_output():
     """Evaluation writes no statistics (a NULL buffer to the kernel) and keeps no tensors."""
     inputs = post_inputs(37, 4, 6)
     assert torch.equal(native.PostNorm.apply(*inputs, 1e-8, False), native.PostNorm.apply(*inputs, 1e-8))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_collapse_kernel_gradcheck(n):
+    x, weights = torch.randn(2, 9, n, 5, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    assert torch.autograd.gradcheck(native.Collapse.apply, [x.requires_grad_(), weights.requires_grad_()])
+
+
+def test_collapse_kernel_equals_the_pytorch_path():
+    """HyperStream.collapse on the kernel (two threads' token ranges) and on PyTorch ops."""
+    streams = [HyperStream(ModelConfig(hidden_units=6, mhc_expansion_rate=4, mhc_native=flag)).double()
+               for flag in (True, False)]
+    weights = torch.randn(4, dtype=torch.float64)
+    x = torch.randn(3, 70, 4, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 70, 6, dtype=torch.float64)
+    results = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for stream in streams:
+            with torch.no_grad():
+                stream.weights.copy_(weights)
+            out = stream.collapse(x)
+            results.append((out, *torch.autograd.grad(out, [x, stream.weights], grad)))
+    finally:
+        torch.set_num_threads(threads)
+    assert type(results[0][0].grad_fn).__name__ == "CollapseBackward"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -353,6 +353,41 @@ static void post_backward(int n, int64_t t0, int64_t t1, int C,
     }
 }
 
+/* The collapse before the final norm: out_t = sum_k w[k] x_t,k, one pass over the streams
+ * (PyTorch's broadcast product and sum make three over the [T, n, C] tensor, and five in the
+ * backward). Its backward: g_x_t,k = w[k] g_t, and this range's weight gradient
+ * sum_t <g_t, x_t,k> is added to g_w (n). */
+static void collapse_forward(int n, int64_t t0, int64_t t1, int C, const real *restrict x,
+                             const real *restrict w, real *restrict out)
+{
+    for (int64_t t = t0; t < t1; ++t) {
+        const real *restrict xt = x + t * n * C;
+        real *restrict o = out + t * C;
+        for (int c = 0; c < C; ++c) {
+            real a = 0;
+            UNROLL for (int k = 0; k < n; ++k) a += w[k] * xt[k * C + c];
+            o[c] = a;
+        }
+    }
+}
+
+static void collapse_backward(int n, int64_t t0, int64_t t1, int C, const real *restrict x,
+                              const real *restrict w, const real *restrict g, real *restrict g_x,
+                              real *restrict g_w)
+{
+    real sums[STREAMS] = {0};
+    for (int64_t t = t0; t < t1; ++t) {
+        const real *restrict xt = x + t * n * C, *restrict gt = g + t * C;
+        real *restrict gx = g_x + t * n * C;
+        for (int c = 0; c < C; ++c)
+            UNROLL for (int k = 0; k < n; ++k) {
+                sums[k] += gt[c] * xt[k * C + c];
+                gx[k * C + c] = w[k] * gt[c];
+            }
+    }
+    for (int k = 0; k < n; ++k) g_w[k] += sums[k];
+}
+
 /* The calling thread's share [*t0, *t1) of `tokens`, in whole blocks of LANES tokens. */
 static void share(int64_t tokens, int64_t *t0, int64_t *t1)
 {
@@ -458,4 +493,25 @@ int mhc_post_backward(int64_t tokens, int threads, int C,
         free(sums);
     }
     return failed;
+}
+
+void mhc_collapse_forward(int64_t tokens, int threads, int C, const real *x, const real *w, real *out)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t0, t1;
+        share(tokens, &t0, &t1);
+        collapse_forward(STREAMS, t0, t1, C, x, w, out);
+    }
+}
+
+void mhc_collapse_backward(int64_t tokens, int threads, int C, const real *x, const real *w, const real *g,
+                           real *g_x, real *g_w)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t0, t1;
+        share(tokens, &t0, &t1);
+        collapse_backward(STREAMS, t0, t1, C, x, w, g, g_x, g_w + STREAMS * thread_index());
+    }
 }

@@ -87,8 +87,17 @@ def library(dtype: torch.dtype, streams: int) -> ctypes.CDLL | None:
     lib.mhc_pre_backward.argtypes = [i64, i32, i32, i32] + [pointer] * 11
     lib.mhc_post_forward.argtypes = [i64, i32, i32, ctypes.c_double] + [pointer] * 7
     lib.mhc_post_backward.argtypes = [i64, i32, i32] + [pointer] * 11
+    lib.mhc_collapse_forward.argtypes = [i64, i32, i32] + [pointer] * 3
+    lib.mhc_collapse_backward.argtypes = [i64, i32, i32] + [pointer] * 5
     lib.mhc_pre_backward.restype = lib.mhc_post_backward.restype = i32
     return lib
+
+
+def supports(x: torch.Tensor, streams: int) -> bool:
+    """Whether the kernels can take x: a float32/float64 CPU tensor, outside tracing and
+    torch.compile (neither can see into a ctypes call), with the library built here."""
+    return (x.device.type == "cpu" and x.dtype in REALS and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and library(x.dtype, streams) is not None)
 
 
 def threads_for(tokens: int) -> int:
@@ -197,3 +206,30 @@ class PostNorm(torch.autograd.Function):
                weight.contiguous(), grad.to(res.dtype).contiguous(), g_res, g_post, g_f, g_w, g_b):
             raise MemoryError("mHC kernel: no memory for the post-LN backward's sums")
         return g_res, g_post, g_f, g_w.sum(0), g_b.sum(0), None, None
+
+
+class Collapse(torch.autograd.Function):
+    """HyperStream's collapse on the compiled kernel: x [..., n, C], weights [n] ->
+    sum_k weights[k] x[..., k, :] in one pass (and one pass back)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        *lead, n, dim = x.shape
+        x, weights = x.contiguous(), weights.contiguous()
+        tokens = x.numel() // (n * dim)
+        out = x.new_empty(*lead, dim)
+        run(library(x.dtype, n).mhc_collapse_forward, tokens, threads_for(tokens), x.dtype, dim, x, weights, out)
+        ctx.save_for_backward(x, weights)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, weights = ctx.saved_tensors
+        n, dim = x.shape[-2:]
+        tokens = x.numel() // (n * dim)
+        threads = threads_for(tokens)
+        g_x, g_w = torch.empty_like(x), x.new_zeros(threads, n)
+        run(library(x.dtype, n).mhc_collapse_backward, tokens, threads, x.dtype, dim, x, weights,
+            grad.to(x.dtype).contiguous(), g_x, g_w)
+        return g_x, g_w.sum(0)
