@@ -1,7 +1,8 @@
 /* mHC's per-token work around a sub-layer, fused (CPU).
  *
  * Before the sub-layer (pre_*), for each token t with streams x_t (n x C, row-major) and
- * the projection raw_t = x_t phi (K = 2n + n*n values, one GEMM by the caller), it computes
+ * the projection raw_t = x_t phi (K = 2n + n*n values, one GEMM by the caller, stored
+ * tokens-last: raw is [K][T], as are its gradient's rows), it computes
  *   r      = (|x_t|^2 / (nC) + 1e-6)^(-1/2)            RMSNorm of vec(x_t), applied after phi
  *   logit  = static + alpha_group * r * raw_t           groups: pre (n), post (n), res (n*n)
  *   H_pre  = sigmoid(logit_pre), H_post = 2 sigmoid(logit_post)
@@ -145,22 +146,23 @@ static void sinkhorn_backward(int n, int iters, const lanes *z, const lanes *p, 
         for (int l = 0; l < LANES; ++l) g[k][l] = v[k][l] > FLOOR ? g[k][l] : 0;
 }
 
-/* Logits [K][LANES] and 1/rms of the block's tokens t0..t0+count-1 (lanes past count are 0). */
-static void block_logits(int n, int C, int64_t t0, int count, const real *restrict x, const real *restrict raw,
-                         const real *restrict alpha, const real *restrict bias, lanes *logit, real *restrict r)
+/* Logits [K][LANES] and 1/rms of the block's tokens t0..t0+count-1 (lanes past count are 0).
+ * raw is tokens-last, [K][T]: each logit's lanes are one contiguous run. */
+static void block_logits(int n, int C, int64_t T, int64_t t0, int count, const real *restrict x,
+                         const real *restrict raw, const real *restrict alpha, const real *restrict bias,
+                         lanes *logit, real *restrict r)
 {
     int D = n * C, K = 2 * n + n * n;
     for (int l = 0; l < LANES; ++l) {
-        if (l >= count) {
-            r[l] = 0;
-            for (int k = 0; k < K; ++k) logit[k][l] = 0;
-            continue;
-        }
-        const real *xt = x + (t0 + l) * D, *rawt = raw + (t0 + l) * K;
         real ss = 0;
-        for (int i = 0; i < D; ++i) ss += xt[i] * xt[i];
-        r[l] = 1 / sqrt(ss / D + (real)1e-6);
-        for (int k = 0; k < K; ++k) logit[k][l] = bias[k] + alpha[k < n ? 0 : k < 2 * n ? 1 : 2] * r[l] * rawt[k];
+        if (l < count)
+            for (int i = 0; i < D; ++i) ss += x[(t0 + l) * D + i] * x[(t0 + l) * D + i];
+        r[l] = l < count ? 1 / sqrt(ss / D + (real)1e-6) : 0;
+    }
+    for (int k = 0; k < K; ++k) {
+        const real *restrict rk = raw + k * T + t0, a = alpha[k < n ? 0 : k < 2 * n ? 1 : 2];
+        for (int l = 0; l < count; ++l) logit[k][l] = bias[k] + a * r[l] * rk[l];
+        for (int l = count; l < LANES; ++l) logit[k][l] = 0;
     }
 }
 
@@ -179,7 +181,7 @@ static void token_weights(int n, int l, const lanes *h_res, const lanes *gate, r
     UNROLL for (int j = 0; j < n; ++j) w[n * n + j] = gate[j][l];
 }
 
-static void pre_forward(int n, int64_t t0, int64_t t1, int C, int iters,
+static void pre_forward(int n, int64_t T, int64_t t0, int64_t t1, int C, int iters,
                         const real *restrict x, const real *restrict raw, const real *restrict alpha,
                         const real *restrict bias, real *restrict res, real *restrict branch,
                         real *restrict h_post)
@@ -189,7 +191,7 @@ static void pre_forward(int n, int64_t t0, int64_t t1, int C, int iters,
     real r[LANES];
     for (int64_t tb = t0; tb < t1; tb += LANES) {
         int count = t1 - tb < LANES ? (int)(t1 - tb) : LANES;
-        block_logits(n, C, tb, count, x, raw, alpha, bias, logit, r);
+        block_logits(n, C, T, tb, count, x, raw, alpha, bias, logit, r);
         sinkhorn_forward(n, iters, logit + 2 * n, h_res, 0);
         gates(n, logit, gate);
         for (int l = 0; l < count; ++l) {
@@ -209,12 +211,12 @@ static void pre_forward(int n, int64_t t0, int64_t t1, int C, int iters,
     }
 }
 
-/* Gradients of x (mixing and RMS terms; the caller adds graw @ phi^T), of raw (graw), and
+/* Gradients of x (mixing and RMS terms; the caller adds graw^T @ phi^T), of raw (graw, [K][T] as raw), and
  * this range's sums of the alpha (3) and bias (K) gradients, added to g_alpha and g_bias at
  * the end (summed on the stack meanwhile: the threads' output rows share cache lines, and
  * writing them per block made the threads invalidate each other's copies). `sums` is
  * scratch of 2*iters*n*LANES reals. */
-static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
+static void pre_backward(int n, int64_t T, int64_t t0, int64_t t1, int C, int iters,
                          const real *restrict x, const real *restrict raw, const real *restrict alpha,
                          const real *restrict bias,
                          const real *restrict g_res, const real *restrict g_branch, const real *restrict g_post,
@@ -226,7 +228,7 @@ static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
     real r[LANES], alpha_sum[3] = {0}, bias_sum[COEFS] = {0};
     for (int64_t tb = t0; tb < t1; tb += LANES) {
         int count = t1 - tb < LANES ? (int)(t1 - tb) : LANES;
-        block_logits(n, C, tb, count, x, raw, alpha, bias, logit, r);
+        block_logits(n, C, T, tb, count, x, raw, alpha, bias, logit, r);
         sinkhorn_forward(n, iters, logit + 2 * n, h_res, sums);
         for (int k = 0; k < K; ++k)
             for (int l = count; l < LANES; ++l) g_logit[k][l] = 0;
@@ -261,21 +263,26 @@ static void pre_backward(int n, int64_t t0, int64_t t1, int C, int iters,
             for (int l = 0; l < LANES; ++l) sum += g_logit[k][l];  /* lanes past count are 0 */
             bias_sum[k] += sum;
         }
-        for (int l = 0; l < count; ++l) {
-            int64_t t = tb + l;
-            const real *restrict xt = x + t * D, *restrict rawt = raw + t * K;
-            real g_r = 0, *restrict gx = g_x + t * D;
-            for (int group = 0; group < 3; ++group) {  /* pre, post, res: logits [k0, k1) */
-                int k0 = group ? n * group : 0, k1 = group == 2 ? K : n * (group + 1);
-                real dot = 0, scale = r[l] * alpha[group];
-                for (int k = k0; k < k1; ++k) {
-                    dot += g_logit[k][l] * rawt[k];
-                    g_raw[t * K + k] = scale * g_logit[k][l];
+        real g_r[LANES] = {0};
+        for (int group = 0; group < 3; ++group) {  /* pre, post, res: logits [k0, k1) */
+            int k0 = group ? n * group : 0, k1 = group == 2 ? K : n * (group + 1);
+            real dot[LANES] = {0};
+            for (int k = k0; k < k1; ++k) {
+                const real *restrict rk = raw + k * T + tb;
+                real *restrict gk = g_raw + k * T + tb;
+                for (int l = 0; l < count; ++l) {
+                    dot[l] += g_logit[k][l] * rk[l];
+                    gk[l] = r[l] * alpha[group] * g_logit[k][l];
                 }
-                alpha_sum[group] += r[l] * dot;
-                g_r += alpha[group] * dot;
             }
-            real scale = -r[l] * r[l] * r[l] * g_r / D;
+            for (int l = 0; l < count; ++l) {
+                alpha_sum[group] += r[l] * dot[l];
+                g_r[l] += alpha[group] * dot[l];
+            }
+        }
+        for (int l = 0; l < count; ++l) {
+            const real *restrict xt = x + (tb + l) * D;
+            real *restrict gx = g_x + (tb + l) * D, scale = -r[l] * r[l] * r[l] * g_r[l] / D;
             for (int i = 0; i < D; ++i) gx[i] += scale * xt[i];
         }
     }
@@ -421,7 +428,7 @@ void mhc_pre_forward(int64_t tokens, int threads, int C, int iters,
     {
         int64_t t0, t1;
         share(tokens, &t0, &t1);
-        pre_forward(STREAMS, t0, t1, C, iters, x, raw, alpha, bias, res, branch, h_post);
+        pre_forward(STREAMS, tokens, t0, t1, C, iters, x, raw, alpha, bias, res, branch, h_post);
     }
 }
 
@@ -439,7 +446,7 @@ int mhc_pre_backward(int64_t tokens, int threads, int C, int iters,
         int me = thread_index();
         lanes *sums = malloc(sizeof(lanes) * 2 * (size_t)iters * STREAMS);
         if (sums)
-            pre_backward(STREAMS, t0, t1, C, iters, x, raw, alpha, bias, g_res, g_branch, g_post, g_x, g_raw,
+            pre_backward(STREAMS, tokens, t0, t1, C, iters, x, raw, alpha, bias, g_res, g_branch, g_post, g_x, g_raw,
                          g_alpha + 3 * me, g_bias + COEFS * me, sums);
         else {
 #pragma omp atomic write
