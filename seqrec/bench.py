@@ -151,8 +151,8 @@ def run_case(spec: dict) -> dict:
            "seq_per_s": spec["batch_size"] / step,
            "s_per_epoch": step * trainer.steps_per_epoch,
            "batch_share": statistics.median(batch_times[warm:]) / step}
-    for protocol in ("sampled", "full"):
-        out[f"eval_{protocol}_s"] = math.nan if literal else _timed(
+    for protocol in ("sampled", "full"):  # NaN where not timed: literal attention, or rounds after the first
+        out[f"eval_{protocol}_s"] = math.nan if literal or not spec.get("eval", True) else _timed(
             lambda: evaluate(trainer.model, data.splits["test"], cfg.eval, data.num_items, (protocol,)), device)
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -240,9 +240,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         if failed:
             out.extend(group)
             continue
-        out.append({**group[0], **{key: statistics.median(r[key] for r in group)
+        out.append({**group[0], **{key: _median(r[key] for r in group)
                                    for key, value in group[0].items() if isinstance(value, float)}})
     return out
+
+
+def _median(values) -> float:
+    """The median of the values that were measured (not NaN), NaN if none was."""
+    measured = [v for v in values if not math.isnan(v)]
+    return statistics.median(measured) if measured else math.nan
 
 
 def ratios(rows: list[dict]) -> str:
@@ -300,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads per case (0 = torch's default: all cores)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run every case this many times, all cases once per round; the table gives "
-                             "each case's medians, the ratios the median of each round's ratio (a noisy "
-                             "machine's drift then hits both sides of a ratio alike)")
+                        help="run every case this many times, all cases once per round (evaluation is "
+                             "timed in the first only); the table gives each case's medians, the ratios the "
+                             "median of each round's ratio (a noisy machine's drift then hits both sides of a "
+                             "ratio alike)")
     parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
     parser.add_argument("--mhc_parts", type=int, metavar="TOKENS",
                         help="only time each part of one mHC sub-layer (n = the first --expansion_rates, d=50) "
@@ -332,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             time_, mhc, mhc_native = VARIANTS[variant]
             spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "mhc_native": mhc_native,
                     "expansion_rate": n, "device": args.device, "amp": args.amp, "batch_size": args.batch_size,
-                    "steps": steps, "length_buckets": buckets, "threads": args.threads, "round": round_}
+                    "steps": steps, "length_buckets": buckets, "threads": args.threads, "round": round_,
+                    "eval": round_ == 0}
             try:
                 rows.append(run_worker("seqrec.bench", spec))
             except RuntimeError as err:

@@ -1,5 +1,6 @@
 """The benchmark runs end to end (tiny sizes) and reports same-run ratios."""
 import json
+import math
 
 import torch
 
@@ -15,6 +16,8 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
             "threads": 0}
     row = bench.run_case(spec)
     assert row["s_per_step"] > 0 and row["cpu_s_per_step"] > 0 and row["peak_mem_gb"] >= 0
+    later = bench.run_case({**spec, "variant": "tisasrec", "eval": False})
+    assert math.isnan(later["eval_sampled_s"]) and math.isnan(later["eval_full_s"])
     mhc = bench.run_case({**spec, "variant": "tisasrec+mhc", "mhc": True, "expansion_rate": 2})
     rows = [row, {**row, "variant": "tisasrec", "s_per_step": row["s_per_step"] / 4},
             {**row, "variant": "tisasrec", "length_buckets": 1, "s_per_step": row["s_per_step"] / 2},
@@ -42,8 +45,11 @@ def test_several_rounds_give_medians_and_the_ratios_range():
     # per round 1.2, 1.5, 1.6: median 1.5 (the medians' ratio, 1.6 / 1.0, would mix rounds)
     assert "sasrec+mhc n=4 / sasrec = 1.50x step time (1.00x CPU time), 1.00x peak memory " \
            "(step ratio 1.20-1.60 over 3 rounds)" in report
+    for r, eval_s in zip(rows, [2.0, 3.0, math.nan, math.nan, math.nan, math.nan]):
+        r["eval_full_s"] = eval_s  # timed in the first round only
     merged = {bench.label(r): r for r in bench.summarise(rows + [{**base, "variant": "tisasrec", "error": "x"}])}
     assert merged["sasrec"]["s_per_step"] == 1.0 and merged["sasrec+mhc n=4"]["s_per_step"] == 1.6
+    assert merged["sasrec"]["eval_full_s"] == 2.0 and merged["sasrec+mhc n=4"]["eval_full_s"] == 3.0
     assert merged["tisasrec"]["error"] == "x"
 
 
