@@ -150,14 +150,13 @@ def run_case(spec: dict) -> dict:
            "s_per_step": step, "cpu_s_per_step": statistics.median(cpu_times[warm:]),
            "seq_per_s": spec["batch_size"] / step,
            "s_per_epoch": step * trainer.steps_per_epoch,
-           "batch_share": statistics.median(batch_times[warm:]) / step}
+           "batch_share": statistics.median(batch_times[warm:]) / step,
+           # training's peak, before evaluation (timed in some rounds only) can raise it
+           "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                           else peak_rss_gb() - base_rss)}
     for protocol in ("sampled", "full"):  # NaN where not timed: literal attention, or rounds after the first
         out[f"eval_{protocol}_s"] = math.nan if literal or not spec.get("eval", True) else _timed(
             lambda: evaluate(trainer.model, data.splits["test"], cfg.eval, data.num_items, (protocol,)), device)
-    if device.type == "cuda":
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        out["peak_mem_gb"] = peak_rss_gb() - base_rss
     return out
 
 
@@ -207,7 +206,8 @@ def mhc_parts(tokens: int, n: int = 4, dim: int = 50, repeats: int = 10) -> dict
 
 def table(rows: list[dict]) -> str:
     """Markdown rows; 'x SASRec' is the step-time ratio to SASRec of the same size and
-    length buckets in this run."""
+    length buckets in this run; 'peak mem GB' is the training steps' peak (host RSS above the
+    worker's baseline on CPU, allocated memory on GPU), before evaluation."""
     head = ("| variant | size | B | buckets | threads | s/step | CPU s/step | x SASRec | seq/s | s/epoch "
             "| batch build | peak mem GB | sampled eval s | full eval s |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
