@@ -263,28 +263,25 @@ def ratios(rows: list[dict]) -> str:
             rounds.setdefault(r.get("round", 0), {})[(label(r), *_group(r))] = r
     baseline = {"tisasrec-literal": "tisasrec", "sasrec+mhc": "sasrec", "tisasrec+mhc": "tisasrec",
                 "sasrec+mhc-torch": "sasrec", "tisasrec+mhc-torch": "tisasrec"}
-    found: dict[tuple, list[tuple[float, ...]]] = {}
+    found: dict[str, list[tuple[float, ...]]] = {}  # a line's head -> each round's ratios
     for by in rounds.values():
         for (name, size, buckets), r in by.items():
             other = by.get((baseline.get(r["variant"]), size, buckets))
             if other is not None:
-                found.setdefault((size, buckets, name, other["variant"]), []).append(
+                found.setdefault(f"- {size}, buckets {buckets}: {name} / {other['variant']} =", []).append(
                     (r["s_per_step"] / other["s_per_step"], r["cpu_s_per_step"] / other["cpu_s_per_step"],
                      r["peak_mem_gb"] / max(other["peak_mem_gb"], 1e-9)))
             if buckets > 1 and (name, size, 1) in by:
-                found.setdefault((size, buckets, name), []).append((by[(name, size, 1)]["s_per_step"] / r["s_per_step"],))
+                found.setdefault(f"- {size}: {name} step, buckets 1 / buckets {buckets} =", []).append(
+                    (by[(name, size, 1)]["s_per_step"] / r["s_per_step"],))
     lines = []
-    for key, values in found.items():
+    for head, values in found.items():
         mid = [statistics.median(v[i] for v in values) for i in range(len(values[0]))]
+        figures = (f"{mid[0]:.2f}x step time ({mid[1]:.2f}x CPU time), {mid[2]:.2f}x peak memory"
+                   if len(mid) == 3 else f"{mid[0]:.2f}x")
         spread = (f" (step ratio {min(v[0] for v in values):.2f}-{max(v[0] for v in values):.2f} "
                   f"over {len(values)} rounds)" if len(values) > 1 else "")
-        if len(key) == 4:
-            size, buckets, name, other = key
-            lines.append(f"- {size}, buckets {buckets}: {name} / {other} = {mid[0]:.2f}x step time "
-                         f"({mid[1]:.2f}x CPU time), {mid[2]:.2f}x peak memory{spread}")
-        else:
-            size, buckets, name = key
-            lines.append(f"- {size}: {name} step, buckets 1 / buckets {buckets} = {mid[0]:.2f}x{spread}")
+        lines.append(f"{head} {figures}{spread}")
     return "\n".join(lines)
 
 

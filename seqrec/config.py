@@ -67,9 +67,9 @@ class ModelConfig:
     mhc_sinkhorn_iter: int = opt(20, "Sinkhorn-Knopp iterations for H_res")
     mhc_init_gate: float = opt(0.01, "initial value of the mHC gates alpha")
     mhc_no_amp: bool = opt(False, "keep the whole mHC path (coefficients and stream mixing) in fp32 under AMP")
-    mhc_native: bool = opt(True, "on CPU, run mHC's per-token work (coefficients, Sinkhorn, mixing, post-LN update, collapse) "
-                                 "in a C kernel compiled on first use with $CC (same numbers; PyTorch ops without a "
-                                 "compiler, on GPU and under bf16/fp16 autocast unless --mhc_no_amp)")
+    mhc_native: bool = opt(True, "on CPU, run mHC's per-token work (coefficients, Sinkhorn, mixing, post-LN update, "
+                                 "collapse) in a C kernel compiled on first use with $CC (same numbers; PyTorch ops "
+                                 "without a compiler, on GPU and under bf16/fp16 autocast unless --mhc_no_amp)")
 
 
 @dataclass
