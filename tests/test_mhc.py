@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from seqrec.config import ModelConfig
 from seqrec.models import native as native_kernels
-from seqrec.models.mhc import HyperStream, MHCResidual, composite_gain, sinkhorn
+from seqrec.models.mhc import HyperStream, MHCResidual, composite_gain, copies, sinkhorn
 from seqrec.models.sasrec import FeedForward, Residual, SASRec
 from seqrec.models.tisasrec import TiSASRec
 
@@ -203,7 +203,7 @@ def test_block_backward_gradcheck(native):
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("n", RATES)
 def test_block_matches_plain_residual_at_init(n, norm_first):
-    """Fed n identical copies (what expand gives the first block), every output stream
+    """Fed n identical copies (the stream the first block widens), every output stream
     equals the plain block's output: exactly (float rounding) with α = 0, which tests
     the bias derivation, and to first order in α = 0.01 at the default initialisation.
 
@@ -214,7 +214,7 @@ def test_block_matches_plain_residual_at_init(n, norm_first):
     for gate, tol in ((0.0, 2e-3 if n == 1 and not norm_first else 1e-5), (0.01, 2e-2)):
         plain, block = block_pair(n, norm_first, gate)
         expected = plain(x, {})
-        out = block(HyperStream(model_config(n)).expand(x), {})
+        out = block(copies(x, n), {})
         assert out.shape == (3, 7, n, 16)
         for stream in out.unbind(-2):
             assert (stream - expected).norm() / expected.norm() < tol
@@ -281,20 +281,49 @@ def test_composite_gain_reads_only_real_tokens(model_cls):
         assert gain[key] == pytest.approx(max(row[key] for row in rows), abs=1e-6)
 
 
-def test_stream_expand_and_collapse():
-    stream = HyperStream(model_config(4))
+def test_only_the_first_sub_layer_widens_and_collapse_starts_as_the_mean():
+    model = SASRec(model_config(4), NUM_ITEMS)
+    assert [layer.widens for layer in model.layers] == [True, False, False, False]
     x = torch.randn(2, 5, 16)
-    wide = stream.expand(x)
-    assert wide.shape == (2, 5, 4, 16) and all(torch.equal(s, x) for s in wide.unbind(-2))
-    assert torch.allclose(stream.collapse(wide), x, atol=1e-6)  # initialised to the mean
+    assert torch.allclose(model.stream.collapse(copies(x, 4)), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("n", RATES)
+def test_widening_equals_the_block_on_n_copies(n, norm_first, native):
+    """The first block's shortcut (`widen`: no Sinkhorn, no mixing, coefficients from one
+    copy) against the full computation on the n copies, float64, random coefficient
+    parameters: the same output and the same gradients of the input and every parameter.
+    The full computation's H_res gradients are rounding noise (rows of every H_res sum to
+    1, so H_res·copies does not depend on it); the shortcut's are exactly 0."""
+    _, full = block_pair(n, norm_first, 0.5, native)
+    full = full.double()
+    with torch.no_grad():
+        full.static.normal_()
+    wide = MHCResidual(full.sublayer, model_config(n, norm_first, mhc_native=native), widens=True).double()
+    wide.load_state_dict(full.state_dict())
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    check_path(full, x, native)
+    weights = torch.randn(3, 7, n, 16, dtype=torch.float64)
+    results = []
+    for block, streams in ((full, copies(x, n)), (wide, x)):
+        out = block(streams, {})
+        grads = torch.autograd.grad((out * weights).sum(), [x, *block.parameters()])
+        results.append((out, *grads))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    shortcut = dict(zip([name for name, _ in wide.named_parameters()], results[1][2:]))
+    assert not shortcut["phi"][:, 2 * n:].any() and not shortcut["static"][2 * n:].any() and shortcut["alpha"][2] == 0
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_gradients_reach_every_mhc_parameter(norm_first):
     """Every parameter gets a finite, non-zero gradient. The first block's H_res part is
     the exception by construction: its input is n identical copies, which any row
-    stochastic H_res maps to themselves, so only rounding reaches it (~1e-11). Later
-    blocks see streams that differ by O(α) and get ~1e-6 at initialisation."""
+    stochastic H_res maps to themselves, so it gets exactly 0 (the block never computes
+    H_res: `widen`). Later blocks see streams that differ by O(α) and get ~1e-6 at
+    initialisation."""
     _, mhc = plain_and_mhc(model_config(4, norm_first))
     mhc.train()
     bce(mhc, left_padded([12, 9, 5])).backward()
@@ -303,7 +332,7 @@ def test_gradients_reach_every_mhc_parameter(norm_first):
         assert p.grad.abs().sum() > 0, name
     res_grads = [layer.static.grad[2 * 4:].abs().sum() + layer.phi.grad[:, 2 * 4:].abs().sum()
                  for layer in mhc.layers]
-    assert res_grads[0] < 1e-9 and min(res_grads[1:]) > 1e-8
+    assert res_grads[0] == 0 and min(res_grads[1:]) > 1e-8
 
 
 @pytest.mark.parametrize("no_amp", [False, True])
@@ -334,7 +363,7 @@ def test_bf16_autocast_is_finite(norm_first, no_amp, monkeypatch):
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert set(streams) == {torch.float32}
-    assert len(mixing) == len(model.layers) and set(mixing) == {torch.float32 if no_amp else torch.bfloat16}
+    assert len(mixing) == len(model.layers) - 1 and set(mixing)  # the widening block mixes nothing == {torch.float32 if no_amp else torch.bfloat16}
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

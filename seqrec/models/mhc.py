@@ -135,7 +135,7 @@ class MHCResidual(nn.Module):
     per-token RMS commutes with it. Then H̃ = α·(x⃗'φ) + b with α = (α_pre, α_post, α_res).
 
     Initialisation equals the plain residual when the n streams are identical copies
-    (they are at the input: expand copies the embedding), up to the α·x⃗'φ terms:
+    (they are at the input: the embedding, copied n times), up to the α·x⃗'φ terms:
       * b_pre = logit(1/n): H_pre·x = (Σ_i 1/n)·x = x, the plain sub-layer input.
         (Picking one stream as hyper-connections do would need a saturated sigmoid with
         vanishing gradients; averaging identical copies gives the same input. n = 1
@@ -160,8 +160,12 @@ class MHCResidual(nn.Module):
     Parameters: phi [nC, 2n+n²] (columns: pre, post, res row-major), alpha [3] and
     static [2n+n²] (b, same column order); all raw Parameters, initialised here.
 
+    `widens`: the block the embedding enters takes it as the single stream [..., C] and
+    returns the n streams; on its n identical copies H_res is the identity, so the block
+    skips Sinkhorn and the mixing (`widen`), exactly.
+
     Precision: coefficients and Sinkhorn always run in fp32. Under autocast the mixing
-    product [H_res; H_pre]·x (a batched matmul) runs in the autocast dtype; the H_post
+    product [H_res; H_pre]·x (a batched matmul; none in a widening block) runs in the autocast dtype; the H_post
     update promotes back, so the stream itself stays fp32. cfg.mhc_no_amp runs the
     product in fp32 too (the collapse and the H_post update are elementwise, fp32 anyway).
 
@@ -171,10 +175,10 @@ class MHCResidual(nn.Module):
     the PyTorch ops below (tests/test_mhc_native.py).
     """
 
-    def __init__(self, sublayer: nn.Module, cfg: ModelConfig):
+    def __init__(self, sublayer: nn.Module, cfg: ModelConfig, widens: bool = False):
         super().__init__()
         n, dim = cfg.mhc_expansion_rate, cfg.hidden_units
-        self.sublayer = sublayer
+        self.sublayer, self.widens = sublayer, widens
         self.norm = nn.LayerNorm(dim, eps=1e-8)
         self.n, self.norm_first, self.iters, self.no_amp = n, cfg.norm_first, cfg.mhc_sinkhorn_iter, cfg.mhc_no_amp
         self.native = cfg.mhc_native
@@ -189,15 +193,43 @@ class MHCResidual(nn.Module):
         """H_pre [..., n], H_post [..., n], H_res [..., n, n] for x [..., n, C], in at least fp32."""
         n, lead = self.n, x.shape[:-2]
         with torch.autocast(x.device.type, enabled=False):
-            flat = x.reshape(-1, x.shape[-2] * x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
-            projected = (_rms_projection(flat, self.phi)[0] if torch.jit.is_tracing()  # see sinkhorn
-                         else _RMSProjection.apply(flat, self.phi))
-            scale = torch.cat([a.expand(k) for a, k in zip(self.alpha, (n, n, n * n))])
-            logits = torch.addcmul(self.static[:, None], scale[:, None], projected)  # [2n + n², T]
-            h_pre = torch.sigmoid(logits[:n]).t().reshape(*lead, n)
-            h_post = 2 * torch.sigmoid(logits[n:2 * n]).t().reshape(*lead, n)
+            logits = self.logits(x.reshape(-1, x.shape[-2] * x.shape[-1]), self.phi)  # [2n + n², T]
             h_res = sinkhorn(logits[2 * n:].view(n, n, -1).permute(2, 0, 1), self.iters)
-        return h_pre, h_post, h_res.reshape(*lead, n, n)
+        return *self.gates(logits, lead), h_res.reshape(*lead, n, n)
+
+    def logits(self, flat: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """H̃ = α·(RMSNorm(flat)·φ) + b, tokens last ([k, T]) for flat [T, D] and phi [D, k]:
+        all coefficients (phi = self.phi), or the first k. Call with autocast off."""
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        projected = (_rms_projection(flat, phi)[0] if torch.jit.is_tracing()  # see sinkhorn
+                     else _RMSProjection.apply(flat, phi))
+        n, k = self.n, phi.shape[1]
+        scale = torch.cat([a.expand(m) for a, m in zip(self.alpha, (n, n, n * n))])[:k]
+        return torch.addcmul(self.static[:k, None], scale[:, None], projected)
+
+    def gates(self, logits: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """H_pre = sigmoid, H_post = 2·sigmoid of the first 2n logits, each [*lead, n]."""
+        n = self.n
+        return (torch.sigmoid(logits[:n]).t().reshape(*lead, n),
+                2 * torch.sigmoid(logits[n:2 * n]).t().reshape(*lead, n))
+
+    def widen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `mix` returns for n identical copies of x [..., C] (the embedding entering the
+        first sub-layer), computed from the single copy.
+
+        Every H_res has rows summing to 1 (Sinkhorn ends with rows), so H_res·x is x itself:
+        no Sinkhorn, no mixing, and the H_res logits are not needed. The RMS of the n·C
+        copies is the RMS of x, and vec(x, ..., x)·φ = x·Σ_j φ_j with φ_j the j-th block of C
+        rows; H_pre·x = (Σ_j H_pre,j)·x. Exact up to rounding (tests/test_mhc.py), and this
+        block's H_res parameters get exactly the zero gradient they have in exact
+        arithmetic (the full computation leaves them rounding noise, which Adam, dividing by
+        the gradient's own scale, would turn into steps).
+        """
+        n, dim = self.n, x.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            phi = self.phi[:, :2 * n].reshape(n, dim, 2 * n).sum(0)
+            h_pre, h_post = self.gates(self.logits(x.reshape(-1, dim), phi), x.shape[:-1])
+        return copies(x, n), h_pre.sum(-1, keepdim=True) * x, h_post
 
     def mix(self, x: torch.Tensor, on_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_res·x [..., n, C], the sub-layer input H_pre·x [..., C] and H_post [..., n];
@@ -220,19 +252,27 @@ class MHCResidual(nn.Module):
                 and native.supports(x, self.n))
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """x [..., n, C] -> [..., n, C]; a widening block takes the single stream x [..., C]."""
         on_kernel = self.runs_native(x)
-        res, branch, h_post = self.mix(x, on_kernel)
+        res, branch, h_post = self.widen(x) if self.widens else self.mix(x, on_kernel)
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
-        if on_kernel and not self.norm_first and out.dtype == x.dtype:
+        if on_kernel and not self.norm_first and out.dtype == res.dtype:
             return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps,
                                          torch.is_grad_enabled())
         x = torch.addcmul(res, h_post[..., None], out[..., None, :])  # promotes to fp32 under autocast
         return x if self.norm_first else self.norm(x)
 
 
+def copies(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n identical streams of x [..., C] -> [..., n, C] (a view)."""
+    return x[..., None, :].expand(*x.shape[:-1], n, x.shape[-1])
+
+
 class HyperStream(nn.Module):
     """The mHC residual stream strategy for SASRec: n copies in, learned mean out.
 
+    The first sub-layer wrapped (the one the embedding enters) widens the stream: it
+    takes the embedding itself, whose n copies need not be built (MHCResidual.widen).
     collapse is a learned weighted sum over streams initialised to the mean (1/n): on
     identical copies it returns exactly the plain model's stream, so the final
     LayerNorm sees the same input as in the plain model, and its scale does not grow
@@ -246,12 +286,11 @@ class HyperStream(nn.Module):
         super().__init__()
         self.cfg, self.n = cfg, cfg.mhc_expansion_rate
         self.weights = nn.Parameter(torch.full((self.n,), 1.0 / self.n))
+        self.wrapped = 0
 
     def wrap(self, sublayer: nn.Module) -> MHCResidual:
-        return MHCResidual(sublayer, self.cfg)
-
-    def expand(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., None, :].expand(*x.shape[:-1], self.n, x.shape[-1]).contiguous()
+        self.wrapped += 1
+        return MHCResidual(sublayer, self.cfg, widens=self.wrapped == 1)
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.mhc_native and x.dtype == self.weights.dtype and native.supports(x, self.n):
@@ -271,8 +310,11 @@ def composite_gain(model: nn.Module, batch: dict) -> dict[str, float]:
     The model runs in eval mode; its training mode is restored afterwards.
     """
     h_res: list[torch.Tensor] = []
-    handles = [m.register_forward_pre_hook(lambda block, args: h_res.append(block.coefficients(args[0])[2]))
-               for m in model.modules() if isinstance(m, MHCResidual)]
+    def record(block: MHCResidual, args: tuple) -> None:
+        x = args[0]
+        h_res.append(block.coefficients(copies(x, block.n) if block.widens else x)[2])
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, MHCResidual)]
     was_training = model.training
     try:
         model.eval()

@@ -46,9 +46,9 @@ class Residual(nn.Module):
 class PlainStream(nn.Module):
     """The ordinary single residual stream: sub-layers wrapped in Residual, no widening.
 
-    The residual "stream" is a strategy object so the mHC variant can widen the stream
-    to n copies (expand), wrap sub-layers in its own residual, and merge the copies
-    before the final norm (collapse) without the backbone knowing.
+    The residual "stream" is a strategy object so the mHC variant can wrap sub-layers in
+    its own residual (the first of which widens the stream to n copies) and merge the
+    copies before the final norm (collapse) without the backbone knowing.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -57,9 +57,6 @@ class PlainStream(nn.Module):
 
     def wrap(self, sublayer: nn.Module) -> nn.Module:
         return Residual(sublayer, self.dim, self.norm_first)
-
-    def expand(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -120,7 +117,6 @@ class SASRec(nn.Module):
 
     def encode(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         """Embedded inputs [B, L, d] -> hidden states [B, L, d] through the blocks and final norm."""
-        x = self.stream.expand(x)
         for layer in self.layers:
             x = layer(x, ctx)
         return self.final_norm(self.stream.collapse(x))
