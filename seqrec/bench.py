@@ -37,6 +37,9 @@ VARIANTS = {"sasrec": (False, False, True), "sasrec+mhc": (False, True, True), "
             "tisasrec+mhc": (True, True, True), "tisasrec-literal": (True, False, True),
             "sasrec+mhc-torch": (False, True, False), "tisasrec+mhc-torch": (True, True, False)}
 DEFAULT_VARIANTS = "sasrec,sasrec+mhc,tisasrec,tisasrec+mhc"
+# the variant each one's step-time ratio is taken against
+BASELINE = {"tisasrec-literal": "tisasrec", "sasrec+mhc": "sasrec", "tisasrec+mhc": "tisasrec",
+            "sasrec+mhc-torch": "sasrec", "tisasrec+mhc-torch": "tisasrec"}
 
 
 def use_literal_attention(model: torch.nn.Module) -> None:
@@ -109,35 +112,51 @@ def _timed_cpu(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - cpu0
 
 
-def run_case(spec: dict) -> dict:
-    """Measure one (variant, size) in this process."""
-    from .config import Config
-    from .data.tensors import SequenceTensors
-    from .evaluate import evaluate
-    from .trainer import Trainer
+def _start(spec: dict) -> torch.device:
+    """The worker's device, with the thread count and host allocator the trainer's CLI sets."""
     device = torch.device(spec["device"])
     if device.type == "cpu":
         hostmem.retain_freed_memory()  # as the trainer's CLI does
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    return device
+
+
+def make_trainer(spec: dict, variant: str, data, device: torch.device):
+    """The trainer of one variant at spec's size, batch size, AMP, bucketing and expansion rate."""
+    from .config import Config
+    from .trainer import Trainer
+    time_, mhc, mhc_native = VARIANTS[variant]
     cfg = Config()
-    model = {**SIZES[spec["size"]], "time": spec["time"], "mhc": spec["mhc"], "mhc_native": spec["mhc_native"]}
-    if spec["mhc"]:
+    model = {**SIZES[spec["size"]], "time": time_, "mhc": mhc, "mhc_native": mhc_native}
+    if mhc:
         model["mhc_expansion_rate"] = spec["expansion_rate"]
     for key, value in model.items():
         setattr(cfg.model, key, value)
     cfg.train.batch_size, cfg.train.amp = spec["batch_size"], spec["amp"]
     cfg.train.length_buckets = spec["length_buckets"]
-    base_rss = peak_rss_gb()
-    data = SequenceTensors(synthetic_sequences(), cfg.model.maxlen, device)
     trainer = Trainer(cfg, data, device, Path(tempfile.mkdtemp()), [])
-    literal = spec["variant"].endswith("-literal")
-    if literal:
+    if variant.endswith("-literal"):
         use_literal_attention(trainer.model)
+    return trainer
+
+
+def _batches(data, spec: dict) -> list[torch.Tensor]:
     order = data.epoch_order(0, 1).cpu()  # the trainer plans micro-batches on the host
-    batches = [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(spec["steps"])]
+    return [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(spec["steps"])]
+
+
+def run_case(spec: dict) -> dict:
+    """Measure one (variant, size) in this process."""
+    from .data.tensors import SequenceTensors
+    from .evaluate import evaluate
+    device = _start(spec)
+    base_rss = peak_rss_gb()
+    data = SequenceTensors(synthetic_sequences(), SIZES[spec["size"]]["maxlen"], device)
+    trainer = make_trainer(spec, spec["variant"], data, device)
+    cfg, literal = trainer.cfg, spec["variant"].endswith("-literal")
     step_times, cpu_times, batch_times = [], [], []
-    for users in batches:
+    for users in _batches(data, spec):
         wall, cpu = _timed_cpu(lambda: trainer.train_step(users, 1), device)
         step_times.append(wall)
         cpu_times.append(cpu)
@@ -158,6 +177,43 @@ def run_case(spec: dict) -> dict:
         out[f"eval_{protocol}_s"] = math.nan if literal or not spec.get("eval", True) else _timed(
             lambda: evaluate(trainer.model, data.splits["test"], cfg.eval, data.num_items, (protocol,)), device)
     return out
+
+
+def run_pair(spec: dict) -> dict:
+    """Step time of spec's variant against its BASELINE in this one process: the two
+    trainers' steps alternate on the same batches, which of them goes first alternating
+    too, and each pair of consecutive steps gives one ratio. The subprocess cases' ratio
+    compares runs up to a minute apart; on a machine whose speed drifts over minutes
+    (docs/PERFORMANCE.md § mHC overhead) a pair of steps half a second apart sees one
+    machine. No memory figure: the process holds both models."""
+    from .data.tensors import SequenceTensors
+    device = _start(spec)
+    data = SequenceTensors(synthetic_sequences(), SIZES[spec["size"]]["maxlen"], device)
+    trainers = [make_trainer(spec, variant, data, device) for variant in (BASELINE[spec["variant"]], spec["variant"])]
+    times: list[list[float]] = [[], []]
+    for step, users in enumerate(_batches(data, spec)):
+        for k in (0, 1) if step % 2 == 0 else (1, 0):
+            times[k].append(_timed(lambda: trainers[k].train_step(users, 1), device))
+    warm = spec["steps"] // 3
+    return {**spec, "threads": torch.get_num_threads(), "length_buckets": trainers[1].length_buckets,
+            **paired_ratio(times[0][warm:], times[1][warm:])}
+
+
+def paired_ratio(base: list[float], times: list[float]) -> dict:
+    """The median and quartiles of times[i] / base[i], and each side's median step."""
+    ratios = sorted(t / b for b, t in zip(base, times))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"ratio": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3, "pairs": len(ratios),
+            "s_per_step": statistics.median(times), "baseline_s_per_step": statistics.median(base)}
+
+
+def paired_line(row: dict) -> str:
+    if "error" in row:
+        return f"- {row['size']}: {label(row)} / {BASELINE[row['variant']]}: {row['error']}"
+    return (f"- {row['size']}, buckets {row['length_buckets']}, {row['threads']} threads: {label(row)} / "
+            f"{BASELINE[row['variant']]} = {row['ratio']:.2f}x step time in one process (quartiles "
+            f"{row['ratio_q1']:.2f}-{row['ratio_q3']:.2f} over {row['pairs']} alternating pairs of steps; "
+            f"{row['s_per_step']:.3f} vs {row['baseline_s_per_step']:.3f} s)")
 
 
 def label(row: dict) -> str:
@@ -261,12 +317,10 @@ def ratios(rows: list[dict]) -> str:
     for r in rows:
         if "error" not in r:
             rounds.setdefault(r.get("round", 0), {})[(label(r), *_group(r))] = r
-    baseline = {"tisasrec-literal": "tisasrec", "sasrec+mhc": "sasrec", "tisasrec+mhc": "tisasrec",
-                "sasrec+mhc-torch": "sasrec", "tisasrec+mhc-torch": "tisasrec"}
     found: dict[str, list[tuple[float, ...]]] = {}  # a line's head -> each round's ratios
     for by in rounds.values():
         for (name, size, buckets), r in by.items():
-            other = by.get((baseline.get(r["variant"]), size, buckets))
+            other = by.get((BASELINE.get(r["variant"]), size, buckets))
             if other is not None:
                 found.setdefault(f"- {size}, buckets {buckets}: {name} / {other['variant']} =", []).append(
                     (r["s_per_step"] / other["s_per_step"], r["cpu_s_per_step"] / other["cpu_s_per_step"],
@@ -307,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
                              "timed in the first only); the table gives each case's medians, the ratios the "
                              "median of each round's ratio (a noisy machine's drift then hits both sides of a "
                              "ratio alike)")
+    parser.add_argument("--paired", action="store_true",
+                        help="instead of a subprocess per case, time each variant that has a baseline (+mhc: "
+                             "the same model without; tisasrec-literal: tisasrec) against it in one process, "
+                             "their steps alternating: the step-time ratio a drifting machine disturbs least "
+                             "(no memory figures)")
     parser.add_argument("--out", default="bench_results", help="directory for results.json and results.md")
     parser.add_argument("--mhc_parts", type=int, metavar="TOKENS",
                         help="only time each part of one mHC sub-layer (n = the first --expansion_rates, d=50) "
@@ -316,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.worker:
-        print(json.dumps(run_case(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(run_pair(spec) if spec.get("paired") else run_case(spec)))
         return 0
     if args.mhc_parts:
         if args.threads:
@@ -331,23 +391,26 @@ def main(argv: list[str] | None = None) -> int:
     rates = [int(n) for n in args.expansion_rates.split(",")]
     cases = [(size, variant, int(buckets), n) for size in sizes for variant in args.variants.split(",")
              for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
+    if args.paired:
+        cases = [case for case in cases if case[1] in BASELINE]
     for round_ in range(args.rounds):
         for size, variant, buckets, n in cases:
             time_, mhc, mhc_native = VARIANTS[variant]
             spec = {"variant": variant, "size": size, "time": time_, "mhc": mhc, "mhc_native": mhc_native,
                     "expansion_rate": n, "device": args.device, "amp": args.amp, "batch_size": args.batch_size,
                     "steps": steps, "length_buckets": buckets, "threads": args.threads, "round": round_,
-                    "eval": round_ == 0}
+                    "eval": round_ == 0, "paired": args.paired}
             try:
                 rows.append(run_worker("seqrec.bench", spec))
             except RuntimeError as err:
                 rows.append({**spec, "error": str(err)[:120]})
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            print(paired_line(rows[-1]) if args.paired else table(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     medians = f"Medians over {args.rounds} rounds.\n\n" if args.rounds > 1 else ""
-    report = medians + table(summarise(rows)) + "\n\n" + ratios(rows) + "\n"
+    report = ("\n".join(map(paired_line, rows)) if args.paired
+              else medians + table(summarise(rows)) + "\n\n" + ratios(rows)) + "\n"
     (out / "results.md").write_text(report)
     print(report)
     return 0

@@ -53,6 +53,38 @@ def test_several_rounds_give_medians_and_the_ratios_range():
     assert merged["tisasrec"]["error"] == "x"
 
 
+def test_paired_ratio_is_the_median_of_each_pairs_ratio():
+    got = bench.paired_ratio([1.0, 1.0, 2.0, 1.0], [1.2, 1.5, 3.2, 2.0])  # ratios 1.2, 1.5, 1.6, 2.0
+    assert got["ratio"] == 1.55 and got["pairs"] == 4
+    assert math.isclose(got["ratio_q1"], 1.275) and math.isclose(got["ratio_q3"], 1.9)  # (n+1)p-th values
+    assert got["s_per_step"] == 1.75 and got["baseline_s_per_step"] == 1.0
+
+
+def test_paired_steps_alternate_in_one_process(monkeypatch):
+    """run_pair times the variant against its baseline, the two models' steps alternating on
+    the same batches with the first of each pair swapping: base, mhc, mhc, base, base, ..."""
+    monkeypatch.setitem(bench.SIZES, "tiny", {"hidden_units": 8, "num_blocks": 1, "num_heads": 1, "maxlen": 12})
+    monkeypatch.setattr(bench, "synthetic_sequences", lambda: bench_small())
+    calls = []
+    make_trainer = bench.make_trainer
+
+    def recording(spec, variant, data, device):
+        trainer = make_trainer(spec, variant, data, device)
+        step = trainer.train_step
+        trainer.train_step = lambda users, epoch: (calls.append((variant, users.tolist())), step(users, epoch))[1]
+        return trainer
+
+    monkeypatch.setattr(bench, "make_trainer", recording)
+    spec = {"variant": "sasrec+mhc", "size": "tiny", "time": False, "mhc": True, "mhc_native": True,
+            "expansion_rate": 2, "device": "cpu", "amp": "off",
+            "batch_size": 4, "steps": 4, "length_buckets": 1, "threads": 0, "paired": True}
+    row = bench.run_pair(spec)
+    assert [variant for variant, _ in calls] == ["sasrec", "sasrec+mhc", "sasrec+mhc", "sasrec"] * 2
+    assert all(calls[i][1] == calls[i + 1][1] for i in range(0, 8, 2))  # each pair on one batch
+    assert row["pairs"] == 3 and row["ratio"] > 0 and row["s_per_step"] > 0
+    assert "tiny, buckets 1" in bench.paired_line(row) and "sasrec+mhc n=2 / sasrec" in bench.paired_line(row)
+
+
 def test_rounds_must_be_positive(capsys):
     import pytest
     with pytest.raises(SystemExit):
