@@ -1,11 +1,13 @@
 """The compiled CPU kernel for mHC (seqrec/models/native.py, mhc_kernels.c): its hand-written
 backward against finite differences, its outputs and gradients against the PyTorch path
 (what CUDA and autocast run) in whole models split over threads, the fallback without a
-compiler, and the pointer checks that keep a wrong tensor from being read past its end.
+compiler, the pointer checks that keep a wrong tensor from being read past its end, and
+failed allocations inside the kernel.
 The block against the paper's formula token by token: tests/test_mhc.py."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +251,37 @@ def test_an_empty_micro_batch_runs_both_ways():
     out = native.PostNorm.apply(res, h_post, f, weight, bias, 1e-8)
     out.sum().backward()
     assert out.shape == (0, 4, 5) and not weight.grad.any() and not bias.grad.any()
+
+
+@pytest.mark.skipif(not Path("/proc/sys/vm/overcommit_memory").exists()
+                    or Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
+                    reason="needs Linux refusing an allocation larger than memory")
+def test_the_kernel_reports_a_failed_scratch_allocation():
+    """The Sinkhorn backward's scratch is 2·iters·n·16 reals per thread: at 2^31 - 1
+    iterations (~550 GB) malloc fails and the kernel returns 1. No tokens, so had the
+    allocation succeeded there would be nothing to compute (0, and this test fails)."""
+    lib = native.library(torch.float64, 2)
+    x, raw, bias = (torch.zeros(*shape, dtype=torch.float64) for shape in [(0, 2, 3), (8, 0), (8,)])
+    tensors = [x, raw, bias[:3], bias, x, x[:, 0], x[:, :, 0], x, raw, bias[:3], bias]  # as PreMix.backward passes
+    assert native.run(lib.mhc_pre_backward, 0, 1, torch.float64, 3, 2**31 - 1, *tensors) == 1
+
+
+@pytest.mark.parametrize("function", ["pre", "post"])
+def test_a_failed_kernel_allocation_raises_memory_error(function, monkeypatch):
+    """The backwards turn the kernel's failure flag into MemoryError instead of returning
+    unset gradients."""
+    real = native.library(torch.float64, 2)
+
+    class Failing:  # the real forwards; the backwards report a failed allocation
+        mhc_pre_forward, mhc_post_forward = real.mhc_pre_forward, real.mhc_post_forward
+        mhc_pre_backward = mhc_post_backward = staticmethod(lambda *args: 1)
+
+    monkeypatch.setattr(native, "library", lambda dtype, streams: Failing)
+    if function == "pre":
+        inputs = [t.requires_grad_() for t in [torch.randn(3, 2, 5, dtype=torch.float64),
+                                               *coefficient_parameters(2, 5)]]
+        outputs = native.PreMix.apply(*inputs, 20)
+    else:
+        outputs = (native.PostNorm.apply(*post_inputs(3, 2, 5), 1e-8),)
+    with pytest.raises(MemoryError, match="mHC kernel: no memory"):
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
