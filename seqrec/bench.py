@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
              for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
     if args.paired:
         cases = [case for case in cases if case[1] in BASELINE]
+        if not cases:
+            parser.error("--paired times variants against a baseline: give one of " + ", ".join(BASELINE))
     for round_ in range(args.rounds):
         for size, variant, buckets, n in cases:
             time_, mhc, mhc_native = VARIANTS[variant]

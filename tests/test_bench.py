@@ -85,6 +85,13 @@ def test_paired_steps_alternate_in_one_process(monkeypatch):
     assert "tiny, buckets 1" in bench.paired_line(row) and "sasrec+mhc n=2 / sasrec" in bench.paired_line(row)
 
 
+def test_paired_needs_a_variant_with_a_baseline(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        bench.main(["--paired", "--variants", "sasrec,tisasrec"])
+    assert "--paired times variants against a baseline" in capsys.readouterr().err
+
+
 def test_rounds_must_be_positive(capsys):
     import pytest
     with pytest.raises(SystemExit):
