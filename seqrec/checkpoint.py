@@ -22,12 +22,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line."""
 
 
-def save(state: dict, path: str | Path) -> None:
+def _write_atomic(path: str | Path, write) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, flush it to disk and
+    rename it over `path`: readers see the old file or the new one, never a torn one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,9 +38,24 @@ def save(state: dict, path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def save(state: dict, path: str | Path) -> None:
+    _write_atomic(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """A small run file (config, results, rewritten metrics) written like a checkpoint."""
+    _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def load(path: str | Path) -> dict:
+    """A checkpoint's state, always on the CPU.
+
+    RNG states must stay CPU ByteTensors (``torch.set_rng_state`` takes nothing else), and
+    weights and optimizer state move to their device as they are copied into the model and
+    optimizer, so a device map here would only cost a second copy.
+    """
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except Exception as err:  # torch raises many types for foreign or damaged files
@@ -49,15 +66,29 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     return state
 
 
-def rng_state() -> dict:
-    """Torch RNG states (the library draws nothing from numpy's or Python's global RNGs)."""
+def rng_state(device: torch.device) -> dict:
+    """This process's torch RNG states: the CPU generator's and, on CUDA, its own device's.
+
+    Only its own device: a rank's dropout draws come from the GPU it trains on, and a
+    machine that resumes the run may have fewer GPUs than the one that saved it. The
+    library draws nothing from numpy's or Python's global RNGs.
+    """
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore `rng_state(device)`'s output. Older checkpoints held every visible GPU's state
+    (a list); the entry of this device is taken from those."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda.cpu(), device)

@@ -21,45 +21,99 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import hostmem, provenance
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, DistConfig, from_dict, parse_config, to_dict
+from .config import Config, ConfigError, DistConfig, TrainConfig, from_dict, parse_config, to_dict
 from .data import DataError, SequenceTensors, load_sequences, resolve_path
 from .evaluate import evaluate, format_metrics
 from .models import Popularity, build_model
 from .trainer import Trainer, TrainingError, log
 
-RUN_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json", "config.yaml", provenance.FILE)
+RUN_STATE_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json")
+RUN_FILES = (*RUN_STATE_FILES, "config.yaml", provenance.FILE)
 
 
 def resolve_device(requested: str | None) -> torch.device:
+    """The training device; under torchrun each rank takes the GPU of its LOCAL_RANK."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
-        if dist.launched() and device.index is None:
-            device = torch.device("cuda", dist.local_rank())
+        if dist.launched():
+            if device.index is not None and dist.local_world_size() > 1:
+                raise ConfigError(f"--device {requested} under torchrun would put all {dist.local_world_size()} "
+                                  f"local ranks on one GPU; pass --device cuda (each rank takes its LOCAL_RANK's GPU)")
+            if device.index is None:
+                device = torch.device("cuda", dist.local_rank())
     return device
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create train_dir; refuse to silently mix a new run into an old one."""
+def configure_backends(t: TrainConfig, device: torch.device) -> None:
+    """Process-wide numerics switches, set once before any model or cuBLAS handle exists."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        torch.backends.cudnn.allow_tf32 = t.tf32
+    if t.deterministic:
+        # cuBLAS reads its workspace setting when its first handle is made; without it,
+        # deterministic mode refuses CUDA matmuls. Ops with no deterministic kernel warn.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.train_dir or Path("runs") / Path(resolve_path(cfg.data)).stem)
+
+
+def claim_run(cfg: Config, run_dir: Path) -> dict | None:
+    """Decide, on rank 0, whether this run starts, resumes or is refused; every rank gets the
+    decision and, on resume, the checkpoint's state (rank 0 reads it, so run directories
+    need not be shared between nodes). Reads only: nothing in run_dir changes here.
+
+    A torchrun restart always resumes (and never overwrites): what the failed round saved
+    is progress. A directory counts as holding a run when it has a checkpoint, metrics or
+    results, not only latest.pt (a run killed between two saves leaves best.pt alone).
+    """
     t = cfg.train
-    if dist.elastic_restart() and not t.resume:
-        log("torchrun restarted the workers: resuming from the latest checkpoint")
-        t.resume = True
-    run_dir = Path(t.train_dir or Path("runs") / Path(resolve_path(cfg.data)).stem)
-    has_checkpoint = (run_dir / ckpt.LATEST).exists()
-    if has_checkpoint and not (t.resume or t.overwrite):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    with dist.main_first():
-        if dist.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if t.overwrite:
-                for name in RUN_FILES:
-                    (run_dir / name).unlink(missing_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return run_dir
+    if dist.elastic_restart():
+        if not t.resume:
+            log("torchrun restarted the workers: resuming from the latest checkpoint")
+        t.resume, t.overwrite = True, False
+    outcome: dict = {"state": None, "error": None}
+    if dist.is_main():
+        held = [name for name in RUN_STATE_FILES if (run_dir / name).exists()]
+        try:
+            if held and not (t.resume or t.overwrite):
+                raise ConfigError(f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to "
+                                  f"continue it or --overwrite to replace it")
+            if t.resume and (run_dir / ckpt.LATEST).exists():
+                outcome["state"] = ckpt.load(run_dir / ckpt.LATEST)
+            elif t.resume and held and not dist.elastic_restart():
+                raise ConfigError(f"{run_dir} holds {', '.join(held)} but no {ckpt.LATEST} to resume from; "
+                                  f"pass --overwrite to start afresh")
+        except (ConfigError, CheckpointError) as err:
+            outcome["error"] = (type(err).__name__, str(err))
+    outcome = dist.broadcast_object(outcome)
+    if outcome["error"]:
+        kind, message = outcome["error"]
+        raise (ConfigError if kind == "ConfigError" else CheckpointError)(message)
+    if t.resume and outcome["state"] is None:
+        log(f"{run_dir}: no checkpoint to resume from; starting a new run")
+    return outcome["state"]
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
+    """Create run_dir and write the run's config; `fresh` first removes an old run's files.
+
+    Called only once the data, the model and any checkpoint have been checked, so a refused
+    start leaves the old run as it was.
+    """
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_data(cfg: Config, device: torch.device) -> tuple[SequenceTensors, list[str]]:
@@ -79,7 +133,7 @@ def report_popularity(cfg: Config, data: SequenceTensors) -> None:
 
 def run_inference(cfg: Config, device: torch.device) -> dict:
     """Evaluate a saved model on this data, with the model config stored in the checkpoint."""
-    state = ckpt.load(cfg.train.state_dict_path, device)
+    state = ckpt.load(cfg.train.state_dict_path)
     cfg.model = from_dict({"model": state["config"]["model"]}).model
     data, _ = load_data(cfg, device)
     model = build_model(cfg.model, data.num_items).to(device)
@@ -106,15 +160,21 @@ def run(cfg: Config) -> dict:
     if dist.active() and cfg.dist.master_port != default_port and os.environ.get("MASTER_PORT") != str(cfg.dist.master_port):
         log(f"note: --master_port {cfg.dist.master_port} is ignored: the launcher set MASTER_PORT={os.environ.get('MASTER_PORT')}")
     try:
+        configure_backends(cfg.train, device)
         if cfg.train.inference_only:
             return run_inference(cfg, device)
-        run_dir = prepare_run_dir(cfg)
+        if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and dist.active():
+            raise ConfigError("--compile_mode reduce-overhead (CUDA graphs) cannot capture DDP's gradient "
+                              "all-reduce; use --compile_mode default under torchrun")
+        run_dir = run_dir_of(cfg)
+        state = claim_run(cfg, run_dir)
         data, item_ids = load_data(cfg, device)
         trainer = Trainer(cfg, data, device, run_dir, item_ids)
-        if cfg.train.resume and (run_dir / ckpt.LATEST).exists():
-            trainer.resume()
-        elif cfg.train.resume:
-            log(f"{run_dir}: no checkpoint to resume from; starting a new run")
+        if state is not None:
+            trainer.check_resumable(state)
+        prepare_run_dir(cfg, run_dir, fresh=state is None)
+        if state is not None:
+            trainer.resume(state)
         results = trainer.fit()
         report_popularity(cfg, data)
         log(f"run directory: {run_dir}")

@@ -22,6 +22,7 @@ import yaml
 TIME_UNITS = ("second", "minute", "hour", "day", "personal")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 LOSSES = ("bce", "gbce", "sampled_softmax", "ce")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PROTOCOLS = ("sampled", "full")
 DEMO_PRESET = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.yaml"
 
@@ -102,7 +103,14 @@ class TrainConfig:
     early_stop_patience: int = opt(0, "stop after this many validations without improvement (0 = off)")
     device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     amp: str = opt("auto", f"mixed precision: {'|'.join(AMP_MODES)} (auto = bf16 on Ampere+, fp16 on older CUDA, off on CPU)")
-    compile: bool = opt(False, "torch.compile the training forward (for GPUs; on CPU it was measured slower, see docs/PERFORMANCE.md)")
+    compile: bool = opt(False, "torch.compile the training forward and loss as one graph (for GPUs; on CPU it was "
+                               "measured slower, see docs/PERFORMANCE.md)")
+    compile_mode: str = opt("default", f"torch.compile mode with --compile: {'|'.join(COMPILE_MODES)} "
+                                       "(reduce-overhead = CUDA graphs, one process only)")
+    tf32: bool = opt(True, "CUDA: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa inputs, "
+                           "fp32 accumulation)")
+    deterministic: bool = opt(False, "deterministic algorithms (torch.use_deterministic_algorithms, "
+                                     "CUBLAS_WORKSPACE_CONFIG=:4096:8; slower on GPU, see docs/DISTRIBUTED_TRAINING.md)")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     log_every: int = opt(50, "steps between loss/throughput log rows")
     save_every_steps: int = opt(0, "also write latest.pt every this many steps, mid-epoch (0 = at epoch ends only)")
@@ -277,7 +285,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mhc_expansion_rate must be in 1..8, got {m.mhc_expansion_rate}")
     if m.mhc_init_gate < 0:
         raise ConfigError(f"mhc_init_gate must be >= 0, got {m.mhc_init_gate}")
-    choices = {"time_unit": (m.time_unit, TIME_UNITS), "amp": (t.amp, AMP_MODES), "loss": (t.loss, LOSSES)}
+    choices = {"time_unit": (m.time_unit, TIME_UNITS), "amp": (t.amp, AMP_MODES), "loss": (t.loss, LOSSES),
+               "compile_mode": (t.compile_mode, COMPILE_MODES)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")

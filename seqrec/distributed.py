@@ -10,7 +10,6 @@ import datetime
 import gc
 import os
 import socket
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -48,6 +47,11 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def local_world_size() -> int:
+    """Processes of this group on this node (torchrun's LOCAL_WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def is_main() -> bool:
@@ -129,6 +133,26 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a tensor over ranks, in place (identity in one process)."""
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s value of a picklable object (tensors included), on every rank.
+
+    What lets rank 0 alone read the run directory (resume or not, which checkpoint) on
+    nodes that do not share a filesystem.
+    """
+    if not active():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
 def all_gather_object(obj) -> list:
     """Every rank's value of a picklable object, in rank order, on every rank."""
     if not active():
@@ -159,13 +183,3 @@ def maybe_inject_fault(step: int) -> None:
     at, _, victim = spec.partition(":")
     if step == int(at) and rank() == int(victim or 1):
         os._exit(17)
-
-
-@contextmanager
-def main_first():
-    """Let rank 0 do something (e.g. create a directory) before the others look at it."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()

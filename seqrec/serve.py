@@ -28,7 +28,7 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: torch.device | str = "cpu") -> Recommender:
-        state = ckpt.load(path, device)
+        state = ckpt.load(path)
         if not state.get("item_ids"):
             raise ckpt.CheckpointError(f"{path}: checkpoint has no item-id mapping (written by a benchmark?)")
         cfg = from_dict({"model": state["config"]["model"]}).model

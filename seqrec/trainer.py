@@ -7,12 +7,14 @@ through ``seqrec.distributed`` and only rank 0 prints or writes files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,13 +44,60 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """auto = bf16 on CUDA with compute capability >= 8, fp16 on older CUDA, off on CPU.
 
     The capability is checked rather than torch.cuda.is_bf16_supported(), which can
-    report True on V100s through slow emulation.
+    report True on V100s through slow emulation; for the same reason an explicit bf16
+    on a pre-Ampere GPU is refused instead of running emulated at a fraction of fp16's speed.
     """
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     if mode == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+        return torch.bfloat16 if ampere else torch.float16
+    if mode == "bf16" and device.type == "cuda" and not ampere:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise TrainingError(f"--amp bf16 needs a GPU of compute capability 8.0 or newer (Ampere); "
+                            f"{device} has {major}.{minor}: use --amp fp16")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+class Objective(nn.Module):
+    """The model and its loss as one module: what a training micro-batch runs.
+
+    One module is what DistributedDataParallel wraps and what ``--compile`` traces, so the
+    compiled graph covers the forward and the loss whole (no graph break between them).
+    Returns the loss summed over positions and the number of valid positions.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_fn(self.model, self.model(batch), batch)
+
+
+class BadSteps:
+    """Consecutive non-finite steps, counted on the device so that no step waits for the host.
+
+    `state` holds [current run, longest run since the last read, steps skipped since the
+    last read]; the trainer reads it at log boundaries, which is where the max_bad_steps
+    stop is decided (so a run may take up to log_every - 1 steps more before it stops).
+    """
+
+    def __init__(self, device: torch.device):
+        self.state = torch.zeros(3, dtype=torch.int64, device=device)
+
+    def update(self, bad: torch.Tensor) -> None:
+        bad = bad.long()
+        run = (self.state[0] + 1) * bad
+        self.state = torch.stack([run, torch.maximum(self.state[1], run), self.state[2] + bad])
+
+    def reset_window(self) -> None:
+        self.state = torch.stack([self.state[0], self.state[0], torch.zeros_like(self.state[2])])
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with `rows` rows of zeros (padding) appended along the first dimension."""
+    return torch.cat([t, t.new_zeros((rows, *t.shape[1:]))])
 
 
 def log(msg: str) -> None:
@@ -62,15 +111,26 @@ class Trainer:
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
         self.item_ids = item_ids
         t = cfg.train
+        shares = dist.world_size() * t.grad_accum_steps
+        if t.batch_size % shares:
+            raise TrainingError(f"--batch_size {t.batch_size} must be divisible by world size x grad_accum_steps "
+                                f"({dist.world_size()} x {t.grad_accum_steps})")
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model, data.num_items).to(device)
-        self.ddp = DistributedDataParallel(self.model) if dist.active() else None
-        # What the training step calls; evaluation and checkpoints use the plain module.
-        self.forward = self.ddp or self.model
-        if t.compile:
-            self.forward = torch.compile(self.forward)
+        # The CPU kernel of mHC is a ctypes call that torch.compile cannot trace; compiled
+        # runs take mHC's PyTorch ops (the same numbers) so the graph stays whole.
+        model_cfg = dataclasses.replace(cfg.model, mhc_native=False) if t.compile else cfg.model
+        self.model = build_model(model_cfg, data.num_items).to(device)
         self.loss_fn = build_loss(t, data.num_items, data.item_counts)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.98))
+        objective = Objective(self.model, self.loss_fn)
+        self.ddp = (DistributedDataParallel(objective, gradient_as_bucket_view=True)
+                    if dist.active() else None)
+        # What a micro-batch calls; evaluation and checkpoints use the plain model.
+        self.objective = self.ddp or objective
+        if t.compile:
+            self.objective = torch.compile(self.objective, fullgraph=True, dynamic=False, mode=t.compile_mode)
+        # Fused: one kernel for all parameters instead of ~12 per parameter, and step counters
+        # that the update reads on the device (single-tensor Adam calls step.item() per parameter).
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), fused=True)
         self.steps_per_epoch = math.ceil(data.num_train_users / t.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_at, warmup_steps=t.warmup_steps, steps_per_epoch=self.steps_per_epoch,
@@ -81,48 +141,89 @@ class Trainer:
         # own kernel launches, so bucketing stays off there until it is measured.
         self.length_buckets = t.length_buckets or (8 if device.type == "cpu" else 1)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        # Host-side copy of each user's valid training positions: steps are planned from it
+        # (micro-batch widths, the loss normaliser) without reading the device.
+        self.positions = data.train_positions.numpy()
         self.epoch = 0  # last completed epoch
         self.step = 0  # optimizer steps taken (skipped steps included, so the data order stays fixed)
         self.best = {"metric": -math.inf, "epoch": 0, "evals_since": 0}
-        self.bad_steps = 0
+        self.bad_steps = BadSteps(device)
         self.train_seconds = 0.0  # wall time spent in training epochs, across resumes
         # This rank's loss shares summed over the current epoch's steps, kept on the device
         # so that the step loop never waits for the device (read at log intervals only).
         self.epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
-        shares = dist.world_size() * t.grad_accum_steps
-        if t.batch_size % shares:
-            raise TrainingError(f"--batch_size {t.batch_size} must be divisible by world size x grad_accum_steps "
-                                f"({dist.world_size()} x {t.grad_accum_steps})")
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """The full training state; a collective: every rank contributes its RNG state and loss share."""
+        ranks = dist.all_gather_object({"rng": ckpt.rng_state(self.device), "epoch_loss": self.epoch_loss.item()})
         return {"config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best": dict(self.best), "train_seconds": self.train_seconds, "epoch_loss": self.epoch_loss.item(),
-                "rng": dist.all_gather_object(ckpt.rng_state()), "item_ids": self.item_ids}
+                "best": dict(self.best), "train_seconds": self.train_seconds,
+                "epoch_loss": [r["epoch_loss"] for r in ranks], "rng": [r["rng"] for r in ranks],
+                "item_ids": self.item_ids}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint loaded on the CPU; tensors move to the device as they are copied in."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_scaler(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], dict(state["best"])
         self.train_seconds = state["train_seconds"]
-        self.epoch_loss.fill_(state["epoch_loss"])
-        # Each rank continues its own dropout stream; a run resumed at another world size
-        # continues rank 0's (identity across world sizes is not promised).
-        rng = state["rng"]
-        ckpt.set_rng_state(rng[dist.rank()] if len(rng) == dist.world_size() else rng[0])
+        saved_world, world = len(state["rng"]), dist.world_size()
+        self.epoch_loss.fill_(self._loss_share(state["epoch_loss"], world))
+        if saved_world != world:
+            log(f"note: this checkpoint was written by {saved_world} rank(s) and resumes on {world}: ranks "
+                f"beyond the saved ones seed their dropout streams from (seed, step, rank), so the run is "
+                f"not identical to one that kept {saved_world} rank(s)")
+        if dist.rank() < saved_world:
+            ckpt.set_rng_state(state["rng"][dist.rank()], self.device)
+        else:
+            torch.manual_seed(hash((self.cfg.train.seed, self.step, dist.rank())) % 2**63)
 
-    def resume(self) -> None:
-        """Continue from latest.pt, refusing a checkpoint whose model the current flags would reshape."""
-        state = ckpt.load(self.run_dir / ckpt.LATEST, self.device)
+    def _loss_share(self, saved: list[float] | float, world: int) -> float:
+        """This rank's part of the epoch's summed loss shares from a checkpoint.
+
+        Shares are the global loss times the world size split over ranks, so at an equal
+        world size each rank takes its own back, and at another one rank 0 takes the total
+        rescaled to the new world size; the logged epoch loss (sum over ranks / world) is
+        the same either way.
+        """
+        saved = [saved] if isinstance(saved, float) else list(saved)
+        if len(saved) == world:
+            return saved[dist.rank()]
+        return sum(saved) * world / len(saved) if dist.is_main() else 0.0
+
+    def _load_scaler(self, saved: dict) -> None:
+        """GradScaler state across an --amp change: a scaler state is only meaningful to fp16.
+
+        fp16 resuming a bf16/off run starts a fresh scaler (its state dict is empty and
+        GradScaler.load_state_dict refuses it); a bf16/off run resuming an fp16 one drops it.
+        """
+        if self.scaler.is_enabled() and saved:
+            self.scaler.load_state_dict(saved)
+        elif self.scaler.is_enabled():
+            log("note: the checkpoint was not trained with --amp fp16: starting a fresh loss scaler")
+        elif saved:
+            log("note: the checkpoint was trained with --amp fp16: its loss scale is dropped")
+
+    def check_resumable(self, state: dict) -> None:
+        """Refuse a checkpoint whose model the current flags would reshape, or that was trained
+        on another item catalogue."""
+        if state.get("item_ids") and state["item_ids"] != self.item_ids:
+            raise TrainingError(f"cannot resume: the data's {len(self.item_ids):,} items are not the checkpoint's "
+                                f"{len(state['item_ids']):,}; was it trained on other data?")
         saved = state["config"]["model"]
         for name, value in to_dict(self.cfg)["model"].items():
             if name not in RESUMABLE_MODEL_CHANGES and saved.get(name) != value:
                 raise TrainingError(f"cannot resume: --{name} {value} differs from the checkpoint's "
                                     f"{saved.get(name)}; the model cannot change shape on resume")
+
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint's state (loaded on the CPU by the main rank and broadcast)."""
+        self.check_resumable(state)
         self.load_state_dict(state)
         self._truncate_metrics()
         log(f"resumed from {self.run_dir / ckpt.LATEST} at epoch {self.epoch} + "
@@ -130,7 +231,9 @@ class Trainer:
 
     def save(self, name: str) -> None:
         """Write a checkpoint from rank 0 (with every rank's RNG state); never from non-finite weights."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        # One device read for all parameters: the largest |value| is finite iff every value is.
+        norms = torch._foreach_norm(list(self.model.parameters()), math.inf)
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
             raise TrainingError("refusing to checkpoint non-finite weights")
         state = self.state_dict()  # collective: every rank contributes its RNG state
         if dist.is_main():
@@ -150,7 +253,7 @@ class Trainer:
             return
         rows = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [r for r in rows if json.loads(r).get("epoch", 0) <= self.epoch]
-        path.write_text("".join(r + "\n" for r in kept))
+        ckpt.write_text_atomic(path, "".join(r + "\n" for r in kept))
 
     # ---------------------------------------------------------------- training
     def autocast(self):
@@ -158,18 +261,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, users: torch.Tensor, epoch: int) -> torch.Tensor:
-        """One optimizer step on a global batch of users; returns this rank's (detached) loss share.
+    def train_step(self, users, epoch: int) -> torch.Tensor:
+        """One optimizer step on a global batch of users (host-side indices); returns this
+        rank's (detached) loss share, which is also added to the epoch's sum.
 
         This rank takes its contiguous share of the batch, in micro-batches (see
         `micro_batches`). The loss is normalised by the valid positions of the whole global
         batch, which every rank can count from the data without communicating; DDP averages
         gradients over ranks, so each share is scaled by the world size. The result is the
         gradient of the one-process loss, whatever the world size, accumulation or bucketing.
+        Nothing here waits for the device: the batch is planned on the host, and a non-finite
+        step is skipped on the device (see `_apply_gradients`).
         """
         t = self.cfg.train
-        users = users.cpu()  # a no-op for train_epoch's host-side order
-        scale = dist.world_size() / max(int(self.data.train_positions[users].sum()), 1)
+        users = np.asarray(users)
+        scale = dist.world_size() / max(int(self.positions[users].sum()), 1)
         parts = self.micro_batches(self.rank_rows(users))
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
@@ -178,56 +284,103 @@ class Trainer:
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 batch = self.batch(part, epoch, width)
                 with self.autocast():
-                    hidden = self.forward(batch)
-                    loss_sum, _ = self.loss_fn(self.model, hidden, batch)
+                    loss_sum, _ = self.objective(batch)
                 part_loss = loss_sum * scale
                 if t.l2_emb > 0 and last:  # once per step and rank; DDP's average keeps it once
                     part_loss = part_loss + t.l2_emb * self.model.item_emb.weight.pow(2).sum()
                 self.scaler.scale(part_loss).backward()
                 loss += part_loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        self._guarded_step(loss, grad_norm)
+        self._apply_gradients(loss)
         self.scheduler.step()
         self.step += 1
+        self.epoch_loss += loss  # before a mid-epoch checkpoint, which must include this step
         dist.maybe_inject_fault(self.step)
         if t.save_every_steps and self.step % t.save_every_steps == 0:
             self.save(ckpt.LATEST)
         return loss
 
-    def _guarded_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Skip a step with a non-finite loss or gradient; stop after max_bad_steps in a row.
+    def _apply_gradients(self, loss: torch.Tensor) -> None:
+        """Clip and step, skipping a step with a non-finite gradient on the device.
 
-        Gradients are identical on all ranks after DDP's all-reduce, so the decision is too.
-        Under fp16 the GradScaler skips overflowing steps itself (not counted as bad); only
-        a non-finite loss is counted, agreed across ranks by a reduction.
+        Gradients are identical on all ranks after DDP's all-reduce, so the skip is too. The
+        fused Adam leaves parameters, moments and its step counter untouched where
+        `found_inf` is 1 (the flag GradScaler uses); under fp16 the GradScaler sets it
+        itself from its overflow check (overflows are its normal working and not counted),
+        and a non-finite loss is what counts toward max_bad_steps.
         """
-        if self.scaler.is_enabled():
-            finite = dist.all_reduce_sum((~torch.isfinite(loss)).float()) == 0
-            if finite:
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            norm = nn.utils.clip_grad_norm_(params, clip, foreach=True)
         else:
-            finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                self.optimizer.step()
-        if finite:
-            self.bad_steps = 0
+            norm = nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.bad_steps.update(~torch.isfinite(loss))
             return
-        self.bad_steps += 1
-        log(f"warning: non-finite loss or gradient at step {self.step}; step skipped "
-            f"({self.bad_steps}/{self.cfg.train.max_bad_steps} in a row)")
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
-            raise TrainingError(f"{self.bad_steps} consecutive non-finite steps (last at step {self.step}); "
+        bad = ~torch.isfinite(norm)
+        self.optimizer.found_inf = bad.float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.bad_steps.update(bad)
+
+    def read_counters(self, final: bool = False) -> float:
+        """The one host read of a log boundary: the epoch's loss so far (this rank's shares,
+        or, at the epoch's end (`final`), the global mean over ranks) and the non-finite step
+        counters; stops the run after max_bad_steps consecutive skipped steps.
+
+        Under DDP the counters are reduced first so that every rank takes the same decision.
+        """
+        loss = self.epoch_loss.clone()
+        bad = self.bad_steps.state.clone()
+        if final:
+            loss = dist.all_reduce_sum(loss) / dist.world_size()
+        dist.all_reduce_max(bad)
+        loss, run, longest, skipped = torch.cat([loss.reshape(1), bad.double()]).tolist()
+        self.bad_steps.reset_window()
+        limit = self.cfg.train.max_bad_steps
+        if skipped:
+            log(f"warning: {int(skipped)} step(s) up to step {self.step} had a non-finite loss or gradient "
+                f"and were skipped (longest run {int(longest)}, limit {limit} in a row)")
+        if longest >= limit:
+            raise TrainingError(f"{int(longest)} consecutive non-finite steps (by step {self.step}); "
                                 f"stopping. Lower --lr or check the data; the last good checkpoint is kept")
+        return loss
 
-    def batch(self, users: torch.Tensor, epoch: int, width: int) -> dict:
-        """The training batch of host-side `users` at this step, cut to its last `width` columns."""
-        return self.data.train_batch(users.to(self.device, non_blocking=True), self.cfg.train.seed, epoch,
-                                     self.loss_fn.num_negatives, self.loss_fn.sampler,
-                                     self.step if self.loss_fn.shared else None, width)
+    def batch(self, users: np.ndarray, epoch: int, width: int) -> dict:
+        """The training batch of host-side `users` at this step, cut to its last `width` columns.
 
-    def micro_batches(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        Compiled runs get the fixed shapes a compiled graph (and a CUDA graph) is specialised
+        for: widths rounded up to a multiple of maxlen / 8, and rows padded to the full
+        micro-batch with rows of padding (positive 0 everywhere, so they add nothing to the
+        loss or its gradient).
+        """
+        rows = len(users)
+        if self.cfg.train.compile:
+            quantum = -(-self.cfg.model.maxlen // 8)
+            width = min(self.cfg.model.maxlen, -(-width // quantum) * quantum)
+        index = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
+        if self.device.type == "cuda":  # from pinned memory the copy does not wait for the device
+            index = index.pin_memory()
+        batch = self.data.train_batch(index.to(self.device, non_blocking=True), self.cfg.train.seed, epoch,
+                                      self.loss_fn.num_negatives, self.loss_fn.sampler,
+                                      self.step if self.loss_fn.shared else None, width)
+        if self.cfg.train.compile and rows < self.micro_rows:
+            batch = {key: pad_rows(value, self.micro_rows - rows) if key != "neg" or value.dim() > 1 else value
+                     for key, value in batch.items()}
+        return batch
+
+    @property
+    def micro_rows(self) -> int:
+        """Rows of the largest micro-batch of a step on one rank."""
+        t = self.cfg.train
+        return -(-t.batch_size // (dist.world_size() * t.grad_accum_steps * self.length_buckets))
+
+    def micro_batches(self, rows: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """This rank's rows as (users, width) micro-batches: grad_accum_steps x length_buckets
         groups of similar history length, each to be cut to its longest history.
 
@@ -236,22 +389,22 @@ class Trainer:
         drops the columns that are padding for all its members, so token-wise work shrinks
         with the padding and attention with its square. The loss is a sum over positions,
         so the step's gradient is the same however the rows are grouped; only the order in
-        which dropout masks are drawn changes. Planned on the host from lengths known at
-        load time: no device read.
+        which dropout masks are drawn changes. Planned on the host (numpy) from lengths known
+        at load time: no device read.
         """
         t = self.cfg.train
-        lengths = self.data.train_positions[rows]
+        lengths = self.positions[rows]
         if self.length_buckets > 1:
-            order = torch.argsort(lengths, stable=True)
+            order = np.argsort(lengths, kind="stable")
             rows, lengths = rows[order], lengths[order]
         count = t.grad_accum_steps * self.length_buckets
-        parts = [(part, int(lens.max())) for part, lens in zip(rows.tensor_split(count), lengths.tensor_split(count))
-                 if len(part)]
+        parts = [(part, int(lens.max())) for part, lens in zip(np.array_split(rows, count),
+                                                              np.array_split(lengths, count)) if len(part)]
         # A rank without rows (the last, short global batch) still runs one empty micro-batch:
         # its backward is what joins DDP's gradient all-reduce.
         return parts or [(rows, 1)]
 
-    def rank_rows(self, users: torch.Tensor) -> torch.Tensor:
+    def rank_rows(self, users: np.ndarray) -> np.ndarray:
         """This rank's contiguous share of a global batch (ranks' shares concatenate to the batch)."""
         per_rank = -(-len(users) // dist.world_size())
         return users[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
@@ -260,7 +413,7 @@ class Trainer:
         """The epoch's steps, starting after any already taken (a mid-epoch checkpoint)."""
         t = self.cfg.train
         self.model.train()
-        order = self.data.epoch_order(t.seed, epoch).cpu()  # one read per epoch; steps plan on the host
+        order = self.data.epoch_order(t.seed, epoch).cpu().numpy()  # one read per epoch; steps plan on the host
         first = self.step - (epoch - 1) * self.steps_per_epoch
         meter, samples = EpochMonitor(self.device), 0  # this rank's users, for per-rank samples/s
         start = meter.start
@@ -268,15 +421,15 @@ class Trainer:
                    disable=None if dist.is_main() else True)
         for i in range(first, self.steps_per_epoch):
             users = order[i * t.batch_size:(i + 1) * t.batch_size]
-            self.epoch_loss += self.train_step(users, epoch)
+            self.train_step(users, epoch)
             samples += len(self.rank_rows(users))
-            if (i + 1) % t.log_every == 0 or i + 1 == self.steps_per_epoch:
-                bar.set_postfix(loss=f"{self.epoch_loss.item() / (i + 1):.4f}",
+            if (i + 1) % t.log_every == 0 and i + 1 < self.steps_per_epoch:
+                bar.set_postfix(loss=f"{self.read_counters() / (i + 1):.4f}",
                                 seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
             bar.update(1)
         bar.close()
+        loss = self.read_counters(final=True)
         seconds = meter.elapsed()
-        loss = dist.all_reduce_sum(self.epoch_loss.clone()).item() / dist.world_size()
         self.epoch_loss.zero_()
         return {"type": "train", "epoch": epoch, "step": self.step, "loss": loss / self.steps_per_epoch,
                 "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3), **meter.report(samples, seconds)}
@@ -326,11 +479,21 @@ class Trainer:
             log(f"early stop: no validation improvement in {t.early_stop_patience} evaluations")
         return self.test()
 
+    def load_best(self) -> None:
+        """The best-validation weights, read by rank 0 and broadcast: run directories need not
+        be shared between nodes, so other ranks never read one."""
+        best_path = self.run_dir / ckpt.BEST
+        found = dist.broadcast_object(dist.is_main() and best_path.exists())
+        if not found:
+            return
+        if dist.is_main():
+            self.model.load_state_dict(ckpt.load(best_path)["model"])
+        for tensor in self.model.state_dict().values():
+            dist.broadcast(tensor)
+
     def test(self) -> dict:
         """Evaluate the best-validation checkpoint on valid and test; write results.json."""
-        best_path = self.run_dir / ckpt.BEST
-        if best_path.exists():
-            self.model.load_state_dict(ckpt.load(best_path, self.device)["model"])
+        self.load_best()
         results = {"best_epoch": self.best["epoch"], "epochs": self.epoch,
                    "train_seconds": round(self.train_seconds, 1)}
         for split in ("valid", "test"):
@@ -338,5 +501,5 @@ class Trainer:
             log(f"best epoch {self.best['epoch']}  {split:5s} {format_metrics(results[split])}")
         self._write_metrics({"type": "test", "epoch": self.epoch, **results["test"]})
         if dist.is_main():
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            ckpt.write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         return results
