@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from seqrec.data import DataError, Interactions, SequenceTensors, build_sequences, read_interactions
-from seqrec.data.sampling import draw_negatives, seen
+from seqrec.data.sampling import ItemSampler, draw_negatives, seen
 
 
 def interactions(rows, path="mem"):
@@ -95,14 +95,16 @@ def test_training_batch_shapes_and_negatives(data_file):
     assert k.shape == (8, 20, 4)
 
 
+@pytest.mark.parametrize("popular", [False, True])
 @pytest.mark.parametrize("num_negatives", [1, 3])
-def test_cut_training_batch_is_the_right_end_of_the_full_one(data_file, num_negatives):
+def test_cut_training_batch_is_the_right_end_of_the_full_one(data_file, num_negatives, popular):
     seqs = build_sequences(read_interactions(str(data_file)))
     data = SequenceTensors(seqs, maxlen=20, device="cpu", eval_negatives=5)
+    sampler = ItemSampler(data.num_items, data.item_counts) if popular else None
     users = data.train_users[data.train_positions[data.train_users] <= 9][:6]
     assert len(users) == 6
-    full = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives)
-    cut = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives, width=9)
+    full = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives, sampler=sampler)
+    cut = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives, sampler=sampler, width=9)
     assert not (full["items"][:, :-9] != 0).any()  # only padding is dropped
     for key in full:
         assert torch.equal(cut[key], full[key][:, -9:]), key

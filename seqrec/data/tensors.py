@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sampling import STREAM_EVAL, STREAM_ORDER, STREAM_SHARED, STREAM_TRAIN, ItemSampler, draw_negatives, hash_ints
+from .sampling import (STREAM_EVAL, STREAM_ORDER, STREAM_SHARED, STREAM_TRAIN, ItemSampler, UnseenSampler,
+                       draw_negatives, hash_ints)
 from .sequences import Sequences
 
 Batch = dict[str, torch.Tensor]
@@ -62,6 +63,10 @@ class SequenceTensors:
         # micro-batches from them without reading the device.
         self.train_positions = torch.as_tensor(np.clip(train_len - 1, 0, maxlen))
         self.train_history = as_t(seqs.history_keys(train_len))
+        # Training negatives are drawn outside train_history by construction (no redraw loop);
+        # the popularity version is built on first use, from the loss's counts.
+        self._unseen = UnseenSampler(self.train_history, self.num_items, self.num_users)
+        self._unseen_popular: tuple[ItemSampler, UnseenSampler] | None = None
         self.item_counts = torch.bincount(as_t(seqs.items[seqs.prefix_mask(train_len)]),
                                           minlength=self.num_items + 1)
         full_history = as_t(seqs.history_keys(seqs.lengths))
@@ -92,23 +97,34 @@ class SequenceTensors:
         keys = hash_ints(seed, STREAM_ORDER, epoch, self.train_users)
         return self.train_users[torch.argsort(keys)]
 
+    def _unseen_sampler(self, sampler: ItemSampler | None) -> UnseenSampler:
+        """The exclusion tables for `sampler`'s distribution (uniform ones are built in __init__)."""
+        if sampler is None or sampler.counts is None:
+            return self._unseen
+        if self._unseen_popular is None or self._unseen_popular[0] is not sampler:
+            self._unseen_popular = sampler, UnseenSampler(self.train_history, self.num_items, self.num_users, sampler)
+        return self._unseen_popular[1]
+
     def train_batch(self, users: torch.Tensor, seed: int, epoch: int, num_negatives: int = 1,
                     sampler: ItemSampler | None = None, shared_step: int | None = None,
                     width: int | None = None) -> Batch:
         """Inputs, positives and negatives for a batch of users.
 
         Negatives are [B, L] for k = 1, [B, L, k] for k > 1, none for k = 0, each outside the
-        user's training history; with `shared_step` they are one [k] set keyed by (seed,
-        epoch, step) alone, so every rank and micro-batch of that step gets the same set,
-        and may hit a position's positive (the loss masks those). `width` keeps only the
-        last `width` positions (the right end of the left-padded window, where a batch of
-        short histories has all its items); every kept entry, negatives included, is the
-        one the full-width batch has in that column.
+        user's training history, drawn from `sampler`'s distribution (default uniform)
+        restricted to the items outside it, loop-free and without reading the device; with
+        `shared_step` they are one [k] set keyed by (seed, epoch, step) alone, so every rank
+        and micro-batch of that step gets the same set, and may hit a position's positive
+        (the loss masks those). `width` keeps only the last `width` positions (the right end
+        of the left-padded window, where a batch of short histories has all its items);
+        every kept entry, negatives included, is the one the full-width batch has in that
+        column: a negative is a function of (seed, epoch, user, column, index) alone.
         """
         width = self.maxlen if width is None else width
         window = self.train_items[users, self.maxlen - width:]
         items = window[:, :-1]
-        pos = window[:, 1:].masked_fill(items == 0, 0)  # a padded input has no target (as in the SASRec port)
+        padding = items == 0  # left padding: the target of a real input is real, so pos == 0 here too
+        pos = window[:, 1:].masked_fill(padding, 0)  # a padded input has no target (as in the SASRec port)
         batch = {"items": items, "pos": pos}
         if num_negatives and shared_step is not None:
             slots = torch.arange(num_negatives, device=users.device)
@@ -116,10 +132,9 @@ class SequenceTensors:
             batch["neg"] = sampler(hash_ints(seed, STREAM_SHARED, epoch, shared_step, slots))
         elif num_negatives:  # a full-softmax loss needs none
             slots = torch.arange((self.maxlen - width) * num_negatives, self.maxlen * num_negatives,
-                                 device=users.device).view(1, width, num_negatives)
-            neg = draw_negatives(self.train_history, self.num_items, users[:, None, None], slots,
-                                 seed, STREAM_TRAIN, epoch, sampler)
-            neg = neg.masked_fill_((pos == 0)[..., None], 0)
+                                 device=users.device).view(width, num_negatives)
+            neg = self._unseen_sampler(sampler).draw(users, slots, seed, STREAM_TRAIN, epoch)
+            neg = neg.masked_fill_(padding[..., None], 0)
             batch["neg"] = neg if num_negatives > 1 else neg[..., 0]
         if self.train_times is not None:
             batch["times"] = self.train_times[users, self.maxlen - width:-1]
