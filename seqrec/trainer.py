@@ -369,8 +369,9 @@ class Trainer:
         batch = self.data.train_batch(index.to(self.device, non_blocking=True), self.cfg.train.seed, epoch,
                                       self.loss_fn.num_negatives, self.loss_fn.sampler,
                                       self.step if self.loss_fn.shared else None, width)
-        if self.cfg.train.compile and rows < self.micro_rows:
-            batch = {key: pad_rows(value, self.micro_rows - rows) if key != "neg" or value.dim() > 1 else value
+        if self.cfg.train.compile:  # contiguous too: a graph is also specialised to its inputs' strides
+            pad = self.micro_rows - rows
+            batch = {key: pad_rows(value, pad) if pad and (key != "neg" or value.dim() > 1) else value.contiguous()
                      for key, value in batch.items()}
         return batch
 

@@ -35,7 +35,7 @@ aten = torch.ops.aten
 _SYNC_PACKETS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique, aten._unique2,
                  aten.unique_dim, aten.unique_consecutive, aten.is_nonzero}
 _INDEX_PACKETS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
-_HOST_READS = {"cpu", "tolist", "numpy"}
+_HOST_READS = {"cpu", "tolist"}  # .numpy() needs a CPU tensor: the read is the .cpu() before it
 
 
 @dataclass
