@@ -25,6 +25,8 @@ from .config import Config, ConfigError, DistConfig, TrainConfig, from_dict, par
 from .data import DataError, SequenceTensors, load_sequences, resolve_path
 from .evaluate import evaluate, format_metrics
 from .models import Popularity, build_model
+from .preemption import Preempted
+from .runlock import RunLock
 from .trainer import Trainer, TrainingError, log
 
 RUN_STATE_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json")
@@ -65,10 +67,11 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.train.train_dir or Path("runs") / Path(resolve_path(cfg.data)).stem)
 
 
-def claim_run(cfg: Config, run_dir: Path) -> dict | None:
+def claim_run(cfg: Config, run_dir: Path, lock: RunLock | None = None) -> dict | None:
     """Decide, on rank 0, whether this run starts, resumes or is refused; every rank gets the
     decision and, on resume, the checkpoint's state (rank 0 reads it, so run directories
-    need not be shared between nodes). Reads only: nothing in run_dir changes here.
+    need not be shared between nodes). Rank 0 first takes `lock` (see seqrec.runlock);
+    apart from the lock file, nothing in run_dir changes here.
 
     A torchrun restart always resumes (and never overwrites): what the failed round saved
     is progress. A directory counts as holding a run when it has a checkpoint, metrics or
@@ -81,8 +84,10 @@ def claim_run(cfg: Config, run_dir: Path) -> dict | None:
         t.resume, t.overwrite = True, False
     outcome: dict = {"state": None, "error": None}
     if dist.is_main():
-        held = [name for name in RUN_STATE_FILES if (run_dir / name).exists()]
         try:
+            if lock is not None:
+                lock.acquire()
+            held = [name for name in RUN_STATE_FILES if (run_dir / name).exists()]
             if held and not (t.resume or t.overwrite):
                 raise ConfigError(f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to "
                                   f"continue it or --overwrite to replace it")
@@ -92,11 +97,11 @@ def claim_run(cfg: Config, run_dir: Path) -> dict | None:
                 raise ConfigError(f"{run_dir} holds {', '.join(held)} but no {ckpt.LATEST} to resume from; "
                                   f"pass --overwrite to start afresh")
         except (ConfigError, CheckpointError) as err:
-            outcome["error"] = (type(err).__name__, str(err))
+            outcome["error"] = (isinstance(err, ConfigError), str(err))
     outcome = dist.broadcast_object(outcome)
     if outcome["error"]:
-        kind, message = outcome["error"]
-        raise (ConfigError if kind == "ConfigError" else CheckpointError)(message)
+        config_error, message = outcome["error"]
+        raise (ConfigError if config_error else CheckpointError)(message)
     if t.resume and outcome["state"] is None:
         log(f"{run_dir}: no checkpoint to resume from; starting a new run")
     return outcome["state"]
@@ -167,15 +172,20 @@ def run(cfg: Config) -> dict:
             raise ConfigError("--compile_mode reduce-overhead (CUDA graphs) cannot capture DDP's gradient "
                               "all-reduce; use --compile_mode default under torchrun")
         run_dir = run_dir_of(cfg)
-        state = claim_run(cfg, run_dir)
-        data, item_ids = load_data(cfg, device)
-        trainer = Trainer(cfg, data, device, run_dir, item_ids)
-        if state is not None:
-            trainer.check_resumable(state)
-        prepare_run_dir(cfg, run_dir, fresh=state is None)
-        if state is not None:
-            trainer.resume(state)
-        results = trainer.fit()
+        lock, started = RunLock(run_dir), False
+        try:
+            state = claim_run(cfg, run_dir, lock if dist.is_main() else None)
+            data, item_ids = load_data(cfg, device)
+            trainer = Trainer(cfg, data, device, run_dir, item_ids)
+            if state is not None:
+                trainer.check_resumable(state)
+            prepare_run_dir(cfg, run_dir, fresh=state is None)
+            started = True
+            if state is not None:
+                trainer.resume(state)
+            results = trainer.fit()
+        finally:
+            lock.release(started)
         report_popularity(cfg, data)
         log(f"run directory: {run_dir}")
         return results
@@ -190,6 +200,9 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (ConfigError, DataError)) else 1
+    except Preempted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

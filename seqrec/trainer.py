@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -30,10 +31,18 @@ from .losses import build_loss
 from .models import build_model
 from .models.mhc import composite_gain
 from .monitor import EpochMonitor, describe
+from .preemption import Preempted, StopRequests
 from .schedule import lr_at
 
 # Model fields a resumed run may change without changing the parameters' meaning.
 RESUMABLE_MODEL_CHANGES = {"dropout_rate", "attention_dropout", "mhc_no_amp", "mhc_native"}
+# Settings that fix the data order and the schedule's step count: a resume that changed them
+# would train some users twice and shift the schedule. (grad_accum_steps, length_buckets and
+# the world size only regroup the same gradient, so they may change.)
+FIXED_ON_RESUME = {"train": ("batch_size", "seed"),
+                   "data": ("dataset", "data_path", "min_user_count", "min_item_count")}
+# Settings the best validation score was measured with: changing them resets it.
+SELECTION = ("select_metric", "eval_negatives", "eval_seed", "topk")
 
 
 class TrainingError(RuntimeError):
@@ -148,6 +157,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken (skipped steps included, so the data order stays fixed)
         self.best = {"metric": -math.inf, "epoch": 0, "evals_since": 0}
         self.bad_steps = BadSteps(device)
+        self.stops = StopRequests()  # SIGTERM / SIGINT while fit() runs
+        self.stop_agreed = False  # all ranks know that one got a stop signal
         self.train_seconds = 0.0  # wall time spent in training epochs, across resumes
         # This rank's loss shares summed over the current epoch's steps, kept on the device
         # so that the step loop never waits for the device (read at log intervals only).
@@ -215,8 +226,15 @@ class Trainer:
         if state.get("item_ids") and state["item_ids"] != self.item_ids:
             raise TrainingError(f"cannot resume: the data's {len(self.item_ids):,} items are not the checkpoint's "
                                 f"{len(state['item_ids']):,}; was it trained on other data?")
+        current = to_dict(self.cfg)
+        changed = [f"--{name} {state['config'][section].get(name)} -> {current[section][name]}"
+                   for section, names in FIXED_ON_RESUME.items() for name in names
+                   if state["config"][section].get(name) != current[section][name]]
+        if changed:
+            raise TrainingError(f"cannot resume: {', '.join(changed)} would change the data order or the "
+                                f"schedule of the saved run; resume with the saved values or start a new run")
         saved = state["config"]["model"]
-        for name, value in to_dict(self.cfg)["model"].items():
+        for name, value in current["model"].items():
             if name not in RESUMABLE_MODEL_CHANGES and saved.get(name) != value:
                 raise TrainingError(f"cannot resume: --{name} {value} differs from the checkpoint's "
                                     f"{saved.get(name)}; the model cannot change shape on resume")
@@ -225,6 +243,13 @@ class Trainer:
         """Continue from a checkpoint's state (loaded on the CPU by the main rank and broadcast)."""
         self.check_resumable(state)
         self.load_state_dict(state)
+        saved_eval, current_eval = state["config"]["eval"], to_dict(self.cfg)["eval"]
+        changed = [name for name in SELECTION if saved_eval.get(name) != current_eval[name]]
+        if changed and self.best["epoch"]:
+            log(f"note: {', '.join(changed)} changed since the checkpoint: its best validation score "
+                f"({self.best['metric']:.4f}, epoch {self.best['epoch']}) was measured otherwise and is reset; "
+                f"best.pt is replaced at the next validation")
+            self.best.update(metric=-math.inf, evals_since=0)
         self._truncate_metrics()
         log(f"resumed from {self.run_dir / ckpt.LATEST} at epoch {self.epoch} + "
             f"{self.step - self.epoch * self.steps_per_epoch} steps (step {self.step})")
@@ -251,8 +276,13 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not dist.is_main() or not path.exists():
             return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r).get("epoch", 0) <= self.epoch]
+        kept = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a write cut short (disk full, kill): the row is rewritten
+                log(f"warning: {path}:{number}: skipping a torn metrics row")
         ckpt.write_text_atomic(path, "".join(r + "\n" for r in kept))
 
     # ---------------------------------------------------------------- training
@@ -333,14 +363,17 @@ class Trainer:
         or, at the epoch's end (`final`), the global mean over ranks) and the non-finite step
         counters; stops the run after max_bad_steps consecutive skipped steps.
 
-        Under DDP the counters are reduced first so that every rank takes the same decision.
+        Under DDP the counters, and whether a rank got a stop signal, are reduced first so that
+        every rank takes the same decisions.
         """
         loss = self.epoch_loss.clone()
-        bad = self.bad_steps.state.clone()
+        flags = torch.cat([self.bad_steps.state, self.bad_steps.state.new_tensor([self.stops.requested])])
         if final:
             loss = dist.all_reduce_sum(loss) / dist.world_size()
-        dist.all_reduce_max(bad)
-        loss, run, longest, skipped = torch.cat([loss.reshape(1), bad.double()]).tolist()
+        dist.all_reduce_max(flags)
+        loss, run, longest, skipped, stop = torch.cat([loss.reshape(1), flags.double()]).tolist()
+        # Under torchrun the ranks stop together, at the first boundary after any got a signal.
+        self.stop_agreed = bool(stop) and dist.active()
         self.bad_steps.reset_window()
         limit = self.cfg.train.max_bad_steps
         if skipped:
@@ -350,6 +383,14 @@ class Trainer:
             raise TrainingError(f"{int(longest)} consecutive non-finite steps (by step {self.step}); "
                                 f"stopping. Lower --lr or check the data; the last good checkpoint is kept")
         return loss
+
+    def preempt(self) -> None:
+        """Checkpoint the steps taken so far and stop (a signal asked for it)."""
+        self.save(ckpt.LATEST)
+        name = signal.Signals(self.stops.signum or signal.SIGTERM).name
+        raise Preempted(self.stops.signum or signal.SIGTERM,
+                        f"{name}: stopped at step {self.step} and saved {self.run_dir / ckpt.LATEST}; "
+                        f"rerun with --resume to continue")
 
     def batch(self, users: np.ndarray, epoch: int, width: int) -> dict:
         """The training batch of host-side `users` at this step, cut to its last `width` columns.
@@ -421,15 +462,21 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False,
                    disable=None if dist.is_main() else True)
         for i in range(first, self.steps_per_epoch):
-            users = order[i * t.batch_size:(i + 1) * t.batch_size]
-            self.train_step(users, epoch)
-            samples += len(self.rank_rows(users))
-            if (i + 1) % t.log_every == 0 and i + 1 < self.steps_per_epoch:
-                bar.set_postfix(loss=f"{self.read_counters() / (i + 1):.4f}",
-                                seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
-            bar.update(1)
+            with self.stops.deferred():  # a signal here ends the step first (see `preempt`)
+                users = order[i * t.batch_size:(i + 1) * t.batch_size]
+                self.train_step(users, epoch)
+                samples += len(self.rank_rows(users))
+                if (i + 1) % t.log_every == 0 and i + 1 < self.steps_per_epoch:
+                    bar.set_postfix(loss=f"{self.read_counters() / (i + 1):.4f}",
+                                    seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
+                bar.update(1)
+                if self.stops.requested and not dist.active() or self.stop_agreed:
+                    bar.close()
+                    self.preempt()
         bar.close()
         loss = self.read_counters(final=True)
+        if self.stop_agreed:
+            self.preempt()
         seconds = meter.elapsed()
         self.epoch_loss.zero_()
         return {"type": "train", "epoch": epoch, "step": self.step, "loss": loss / self.steps_per_epoch,
@@ -463,6 +510,11 @@ class Trainer:
             f"on {self.data.num_train_users:,} users, {self.data.num_items:,} items, "
             f"{self.steps_per_epoch} steps/epoch, device {self.device}, world size {dist.world_size()}, "
             f"amp {self.amp_dtype or 'off'}")
+        with self.stops.installed():
+            return self._fit()
+
+    def _fit(self) -> dict:
+        t = self.cfg.train
         stop = False
         while self.epoch < t.num_epochs and not stop:
             row = self.train_epoch(self.epoch + 1)

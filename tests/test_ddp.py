@@ -107,6 +107,14 @@ def test_rank_death_restarts_and_matches_uninterrupted(data_file, tmp_path):
     a, b = ckpt.load(tmp_path / "clean" / "latest.pt"), ckpt.load(tmp_path / "faulty" / "latest.pt")
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # every rank's loss shares of the unfinished epoch came back: the logged rows are the same
+    assert metric_rows(tmp_path / "faulty") == metric_rows(tmp_path / "clean")
+
+
+def metric_rows(run_dir):
+    timing = ("seconds", "seq_per_s", "seq_per_s_rank")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_launcher_and_environment_check_run_end_to_end(tmp_path):
