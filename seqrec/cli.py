@@ -20,6 +20,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import hostmem, provenance
+from .callbacks import Callback
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, DistConfig, TrainConfig, from_dict, parse_config, to_dict
 from .data import DataError, SequenceTensors, load_sequences, resolve_path
@@ -154,7 +155,9 @@ def run_inference(cfg: Config, device: torch.device) -> dict:
     return results
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True) -> dict:
+    """Train (or only evaluate) as `cfg` says; `callbacks` watch the run (main rank), and
+    `test=False` never evaluates the test split (what the tuner runs)."""
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         hostmem.retain_freed_memory()
@@ -176,17 +179,18 @@ def run(cfg: Config) -> dict:
         try:
             state = claim_run(cfg, run_dir, lock if dist.is_main() else None)
             data, item_ids = load_data(cfg, device)
-            trainer = Trainer(cfg, data, device, run_dir, item_ids)
+            trainer = Trainer(cfg, data, device, run_dir, item_ids, callbacks)
             if state is not None:
                 trainer.check_resumable(state)
             prepare_run_dir(cfg, run_dir, fresh=state is None)
             started = True
             if state is not None:
                 trainer.resume(state)
-            results = trainer.fit()
+            results = trainer.fit(test)
         finally:
             lock.release(started)
-        report_popularity(cfg, data)
+        if test:
+            report_popularity(cfg, data)
         log(f"run directory: {run_dir}")
         return results
     finally:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import provenance
+from .callbacks import Callback
 from .config import Config, to_dict
 from .data.tensors import SequenceTensors
 from .evaluate import eval_batch_size, evaluate, format_metrics
@@ -116,9 +117,10 @@ def log(msg: str) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, data: SequenceTensors, device: torch.device, run_dir: Path,
-                 item_ids: list[str]):
+                 item_ids: list[str], callbacks: list[Callback] = ()):
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
         self.item_ids = item_ids
+        self.callbacks = list(callbacks)  # called on the main rank only (seqrec.callbacks)
         t = cfg.train
         shares = dist.world_size() * t.grad_accum_steps
         if t.batch_size % shares:
@@ -266,10 +268,17 @@ class Trainer:
         dist.barrier()
 
     # ---------------------------------------------------------------- logging
-    def _write_metrics(self, row: dict) -> None:
+    def _write_metrics(self, row: dict, event: str | None = None) -> None:
+        """Append a row to metrics.jsonl and hand it to the callbacks' `event` (main rank only)."""
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self._emit(event, row)
+
+    def _emit(self, event: str | None, row: dict) -> None:
+        if event and dist.is_main():
+            for callback in self.callbacks:
+                getattr(callback, event)(self, row)
 
     def _truncate_metrics(self) -> None:
         """Drop rows written after the checkpoint, which the resumed run will write again."""
@@ -279,11 +288,16 @@ class Trainer:
         kept = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             try:
-                if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch:
+                if line.strip() and self._before_checkpoint(json.loads(line)):
                     kept.append(line)
             except json.JSONDecodeError:  # a write cut short (disk full, kill): the row is rewritten
                 log(f"warning: {path}:{number}: skipping a torn metrics row")
         ckpt.write_text_atomic(path, "".join(r + "\n" for r in kept))
+
+    def _before_checkpoint(self, row: dict) -> bool:
+        """Whether a metrics row describes training the checkpoint already holds: rows with a
+        step (step and epoch rows) up to its step, the others (validation, test) up to its epoch."""
+        return row["step"] <= self.step if "step" in row else row.get("epoch", 0) <= self.epoch
 
     # ---------------------------------------------------------------- training
     def autocast(self):
@@ -467,7 +481,10 @@ class Trainer:
                 self.train_step(users, epoch)
                 samples += len(self.rank_rows(users))
                 if (i + 1) % t.log_every == 0 and i + 1 < self.steps_per_epoch:
-                    bar.set_postfix(loss=f"{self.read_counters() / (i + 1):.4f}",
+                    loss = self.read_counters() / (i + 1)  # this rank's shares: rank 0's view of the loss
+                    self._write_metrics({"type": "step", "epoch": epoch, "step": self.step, "loss": loss,
+                                         "lr": self.scheduler.get_last_lr()[0]}, "on_step_logged")
+                    bar.set_postfix(loss=f"{loss:.4f}",
                                     seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
                 bar.update(1)
                 if self.stops.requested and not dist.active() or self.stop_agreed:
@@ -503,34 +520,37 @@ class Trainer:
         patience = self.cfg.train.early_stop_patience
         return patience > 0 and self.best["evals_since"] >= patience
 
-    def fit(self) -> dict:
-        t = self.cfg.train
+    def fit(self, test: bool = True) -> dict:
+        """Train to num_epochs (or an early stop), then evaluate the best checkpoint: on the
+        validation split and, unless `test` is False (the tuner never looks at it), the test split."""
         provenance.record_start(self.run_dir, self.step, self.device)
         log(f"training {type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters()):,} parameters) "
             f"on {self.data.num_train_users:,} users, {self.data.num_items:,} items, "
             f"{self.steps_per_epoch} steps/epoch, device {self.device}, world size {dist.world_size()}, "
             f"amp {self.amp_dtype or 'off'}")
+        self._emit("on_train_start", {"type": "start", "step": self.step, "epoch": self.epoch,
+                                      "resumed": self.step > 0})
         with self.stops.installed():
-            return self._fit()
+            return self._fit(test)
 
-    def _fit(self) -> dict:
+    def _fit(self, test: bool) -> dict:
         t = self.cfg.train
         stop = False
         while self.epoch < t.num_epochs and not stop:
             row = self.train_epoch(self.epoch + 1)
             self.epoch += 1
             self.train_seconds += row["seconds"]
-            self._write_metrics(row)
+            self._write_metrics(row, "on_step_logged")
             if self.epoch % t.eval_every == 0 or self.epoch == t.num_epochs:
                 metrics = self.validate()
-                self._write_metrics({"type": "valid", "epoch": self.epoch, **metrics})
+                self._write_metrics({"type": "valid", "epoch": self.epoch, **metrics}, "on_validation")
                 log(f"epoch {self.epoch:4d}  loss {row['loss']:.4f}  {row['seconds']:.1f}s  {describe(row)}  "
                     f"valid {format_metrics(metrics)}")
                 stop = self._track_best(metrics)
             self.save(ckpt.LATEST)
         if stop:
             log(f"early stop: no validation improvement in {t.early_stop_patience} evaluations")
-        return self.test()
+        return self.test(splits=("valid", "test") if test else ("valid",))
 
     def load_best(self) -> None:
         """The best-validation weights, read by rank 0 and broadcast: run directories need not
@@ -544,15 +564,17 @@ class Trainer:
         for tensor in self.model.state_dict().values():
             dist.broadcast(tensor)
 
-    def test(self) -> dict:
-        """Evaluate the best-validation checkpoint on valid and test; write results.json."""
+    def test(self, splits: tuple[str, ...] = ("valid", "test")) -> dict:
+        """Evaluate the best-validation checkpoint on `splits`; write results.json."""
         self.load_best()
         results = {"best_epoch": self.best["epoch"], "epochs": self.epoch,
                    "train_seconds": round(self.train_seconds, 1)}
-        for split in ("valid", "test"):
+        for split in splits:
             results[split] = evaluate(self.model, self.data.splits[split], self.cfg.eval, self.data.num_items)
             log(f"best epoch {self.best['epoch']}  {split:5s} {format_metrics(results[split])}")
-        self._write_metrics({"type": "test", "epoch": self.epoch, **results["test"]})
+        if "test" in results:
+            self._write_metrics({"type": "test", "epoch": self.epoch, **results["test"]})
         if dist.is_main():
             ckpt.write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        self._emit("on_train_end", results)
         return results

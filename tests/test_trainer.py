@@ -213,3 +213,50 @@ def test_each_start_and_resume_records_its_provenance(data_file, tmp_path):
     assert all(r["torch"] == torch.__version__ and r["world_size"] == 1 and r["device"].startswith("CPU")
                for r in rows)
     assert rows[0]["code"] == provenance.code_version()  # a commit id in a git checkout, else None
+
+
+def test_callbacks_see_every_row_the_run_writes(data_file, tmp_path):
+    """Each event gets the row metrics.jsonl gets, in order; a resumed run continues the rows."""
+    from seqrec.callbacks import Callback
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_train_start(self, trainer, row):
+            self.events.append(("start", row))
+
+        def on_step_logged(self, trainer, row):
+            self.events.append(("logged", row))
+
+        def on_validation(self, trainer, row):
+            self.events.append(("valid", row))
+
+        def on_train_end(self, trainer, row):
+            self.events.append(("end", row))
+
+    kw = dict(train__log_every=3, train__eval_every=2, train__length_buckets=1)
+    first, second = Recorder(), Recorder()
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, **kw), callbacks=[first])
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=3, train__resume=True, **kw), callbacks=[second])
+    for recorder, resumed in ((first, False), (second, True)):
+        assert recorder.events[0][0] == "start" and recorder.events[0][1]["resumed"] is resumed
+        assert recorder.events[-1][0] == "end" and "test" in recorder.events[-1][1]
+    written = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    seen = [row for recorder in (first, second) for kind, row in recorder.events if kind in ("logged", "valid")]
+    assert seen == [row for row in written if row["type"] != "test"]
+    assert [r["type"] for r in written if r["type"] != "test"] == [
+        "step", "train", "step", "train", "valid", "step", "train", "valid"]  # 4 steps per epoch, a row every 3
+
+
+def test_a_run_without_test_never_evaluates_it(data_file, tmp_path, monkeypatch):
+    import seqrec.trainer as trainer_module
+    splits = []
+    original = trainer_module.evaluate
+    monkeypatch.setattr(trainer_module, "evaluate",
+                        lambda model, split, *a: (splits.append(split), original(model, split, *a))[1])
+    results = run(small_config(data_file, tmp_path / "r", train__num_epochs=1), test=False)
+    assert "test" not in results and "valid" in results
+    assert len(splits) == 2  # the epoch's validation and the best checkpoint's; a test pass would be a third
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert "test" not in {r["type"] for r in rows}
