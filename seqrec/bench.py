@@ -101,11 +101,15 @@ def _timed_cpu(fn, device: torch.device) -> tuple[float, float]:
     """
     cpu0 = time.process_time()
     if device.type == "cuda":
+        # The events go on the stream of the bench's device, named explicitly: the argument-free
+        # forms (Event.record(), torch.cuda.synchronize()) use the *current* device, which is
+        # device 0 unless someone called set_device, so on cuda:1 they timed an idle stream.
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
-        torch.cuda.synchronize()
+        end.record(stream)
+        torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000, time.process_time() - cpu0
     t0 = time.perf_counter()
     fn()
@@ -115,6 +119,11 @@ def _timed_cpu(fn, device: torch.device) -> tuple[float, float]:
 def _start(spec: dict) -> torch.device:
     """The worker's device, with the thread count and host allocator the trainer's CLI sets."""
     device = torch.device(spec["device"])
+    if device.type == "cuda":
+        # One index from here on ("cuda" = the current device), made current as the trainer's
+        # CLI does under torchrun, so work without an explicit device lands on it too.
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
     if device.type == "cpu":
         hostmem.retain_freed_memory()  # as the trainer's CLI does
     if spec.get("threads"):
@@ -141,8 +150,8 @@ def make_trainer(spec: dict, variant: str, data, device: torch.device):
     return trainer
 
 
-def _batches(data, spec: dict) -> list[torch.Tensor]:
-    order = data.epoch_order(0, 1).cpu()  # the trainer plans micro-batches on the host
+def _batches(data, spec: dict) -> list[np.ndarray]:
+    order = data.epoch_order(0, 1).cpu().numpy()  # the trainer plans micro-batches on the host
     return [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(spec["steps"])]
 
 

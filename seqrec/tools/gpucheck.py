@@ -3,7 +3,7 @@
 Run once by a person with one CUDA GPU, from a checkout (no install, no network: torch,
 numpy, pyyaml and tqdm only). It exercises the project's real entry points on the GPU and
 writes ONE JSON file with a pass/fail/skipped record, an error line and figures per check,
-then prints a short summary. Core part (about 3 minutes, at most ``--budget_s`` = 300 s):
+then prints a short summary. Core part (a few minutes, at most ``--budget_s`` = 300 s):
 
 * resume   the demo data (TiSASRec+mHC) trained 2 epochs with ``--save_every_steps 4``;
            the same run killed after step 6 (SEQREC_FAULT_AT_STEP) and resumed with
@@ -966,6 +966,10 @@ def context_lost(record: dict) -> bool:
                                                                   "illegal memory access", "CUBLAS_STATUS"))
 
 
+def stop_marker(results: Path) -> Path:
+    return results.with_suffix(".stop")
+
+
 def worker(name: str, opts: Options, results: Path, first: int) -> int:
     """Run group `name`'s items from index `first`, appending one JSON line per event to results."""
     def terminate(signum, frame):
@@ -978,23 +982,26 @@ def worker(name: str, opts: Options, results: Path, first: int) -> int:
         with open(results, "a") as f:
             f.write(json.dumps(clean(row)) + "\n")
 
+    stop = stop_marker(results)
     for index, item in enumerate(items[first:], start=first):
+        if stop.exists():  # the main process is stopping this worker (its SIGTERM may have been
+            return 1       # taken by the trainer's own handler, which ends a run, not the worker)
         emit({"event": "start", "index": index, "name": item.name})
         if lost:
-            record = {"name": item.name, "status": "skipped", "error": f"not run: the CUDA context was lost in {lost}",
+            result = {"name": item.name, "status": "skipped", "error": f"not run: the CUDA context was lost in {lost}",
                       "summary": None, "seconds": 0.0, "figures": {}}
         else:
             try:
-                record = run_item(item)
+                result = run_item(item)
             except Terminated:
                 emit({"event": "end", "index": index, "name": item.name, "status": "fail", "summary": None,
                       "error": "timeout: the check's worker was stopped (its time was up)", "seconds": None,
                       "figures": {}})
                 return 1
-            if context_lost(record):
+            if context_lost(result):
                 lost = item.name
-        emit({"event": "end", "index": index, **record})
-        print(f"[gpucheck] {record['status'].upper():7s} {item.name}", file=sys.stderr, flush=True)
+        emit({"event": "end", "index": index, **result})
+        print(f"[gpucheck] {result['status'].upper():7s} {item.name}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -1068,6 +1075,7 @@ def run_group(grp: Group, opts: Options, deadline: float, log_dir: Path,
     items = plan_items(grp, opts)
     done: dict[int, dict] = {}
     results = log_dir / f"{grp.name}.jsonl"
+    results.unlink(missing_ok=True)  # a kept directory may hold an earlier run's
     log = log_dir / f"{grp.name}.log"
     first = 0
     while first < len(items):
@@ -1082,6 +1090,8 @@ def run_group(grp: Group, opts: Options, deadline: float, log_dir: Path,
             sys.executable, "-m", "seqrec.tools.gpucheck", "--worker", grp.name, "--results", str(results),
             "--first", str(first), "--device", opts.device, "--workdir", str(opts.workdir),
             *(["--small"] if opts.small else []), *(["--only", ",".join(opts.only)] if opts.only else [])]
+        seen = len(read_results(results))
+        stop_marker(results).unlink(missing_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO,
                                     start_new_session=True)
@@ -1089,13 +1099,15 @@ def run_group(grp: Group, opts: Options, deadline: float, log_dir: Path,
                 rc = proc.wait(limit)
                 why = f"the check's worker exited with code {rc}"
             except subprocess.TimeoutExpired:
+                stop_marker(results).touch()
                 stop_process(proc, group_kill=True)
                 rc, why = None, f"timeout: the check's worker was stopped after {limit:.0f} s"
             except BaseException:
+                stop_marker(results).touch()
                 stop_process(proc, group_kill=True)
                 raise
-        started = None
-        for row in read_results(results):
+        started = None  # the last check this worker started
+        for row in read_results(results)[seen:]:
             index = row.get("index")
             if row.get("event") == "start":
                 started = index
@@ -1106,10 +1118,13 @@ def run_group(grp: Group, opts: Options, deadline: float, log_dir: Path,
         nxt = next((i for i in range(first, len(items)) if i not in done), None)
         if nxt is None:
             break
+        if started is not None and started in done:
+            first = nxt  # it ended between two checks (or recorded its own end): go on with a fresh one
+            continue
         if rc == 0 and started is None:
             why = "the check's worker ran no check"
-        # The item the worker was on when it ended (or the next one, if it died between two).
-        culprit = started if started is not None and started not in done else nxt
+        # The check the worker was on when it died, or, if it died before starting one, the next.
+        culprit = started if started is not None else nxt
         done[culprit] = record(items[culprit].name, "fail", f"{why}: {last_line(log)}"[:600], grp.name)
         first = culprit + 1
     return [done[i] for i in range(len(items))]
