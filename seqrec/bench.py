@@ -379,8 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mhc_parts", type=int, metavar="TOKENS",
                         help="only time each part of one mHC sub-layer (n = the first --expansion_rates, d=50) "
                              "on TOKENS tokens, forward + backward, CPU ms")
+    parser.add_argument("--counts", action="store_true",
+                        help="only count each training step's GPU costs on this CPU: non-view aten ops (eager "
+                             "kernel launches) and host syncs per step and per epoch (seqrec.tools.stepcost)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.counts:
+        from .tools import stepcost
+        return stepcost.main([])
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.worker:
