@@ -1,4 +1,4 @@
-"""Export of the scoring model to TorchScript or ONNX: ``seqrec export --checkpoint CKPT --out FILE``.
+"""Export of the scoring model to TorchScript, ONNX or torch.export: ``seqrec export --checkpoint CKPT --out FILE``.
 
 The exported model maps a left-padded [B, maxlen] int64 tensor of item indices (and, for
 TiSASRec, a [B, maxlen] int64 tensor of unix timestamps, 0 at padding) to the scores
@@ -14,7 +14,16 @@ checked against the eager model on a second batch of another size, with padding,
 if they differ (torch 2.13 marks jit.trace/jit.load deprecated, in favour of torch.export,
 but TorchScript is still what libtorch and most servers load). ONNX (``pip install -e
 '.[onnx]'``) uses torch's dynamo exporter; it has no translation for ``aten.cummin``
-(TiSASRec's ``personal`` time unit), so one is given here.
+(TiSASRec's ``personal`` time unit), so one is given here. ``pt2`` is a ``torch.export``
+program (``torch.export.save``; load with ``torch.export.load(FILE).module()``), of the same
+ScoringModel with the same dynamic batch dimension.
+
+TorchScript and pt2 graphs hold no device: the models build every tensor from their inputs
+(no ``device=x.device``, which a trace or an export records as a constant), and the device
+torch.export writes by itself, in the metadata check before each dtype conversion, is dropped
+from the program (`exported_program`); tests/test_export.py checks every variant's graphs (an
+mHC program still holds its torch.autocast's device type, from mhc.py). A file exported on one
+device runs on another: ``load_exported(FILE, fmt, device)`` puts its weights there.
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ from torch import nn
 from .checkpoint import CheckpointError
 from .serve import Recommender
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "pt2")
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -82,7 +91,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "torchscript") ->
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        (_to_torchscript if fmt == "torchscript" else _to_onnx)(
+        {"torchscript": _to_torchscript, "onnx": _to_onnx, "pt2": _to_pt2}[fmt](
             scorer, example_inputs(2, rec.maxlen, num_items, rec.uses_time), names, out)
         probe = example_inputs(5, rec.maxlen, num_items, rec.uses_time, seed=1)
         try:
@@ -98,10 +107,20 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "torchscript") ->
     return sidecar
 
 
-def load_exported(path: str | Path, fmt: str = "torchscript") -> Callable[..., torch.Tensor]:
-    """The exported model as a function of (items[, times]) tensors returning a scores tensor."""
+def load_exported(path: str | Path, fmt: str = "torchscript",
+                  device: torch.device | str | None = None) -> Callable[..., torch.Tensor]:
+    """The exported model as a function of (items[, times]) tensors returning a scores tensor;
+    its weights on ``device`` (default: where they were exported) for torchscript and pt2."""
     if fmt == "torchscript":
-        return torch.jit.load(str(path))
+        return torch.jit.load(str(path), map_location=device)
+    if fmt == "pt2":
+        program = torch.export.load(str(path))
+        if device is not None:
+            from torch.export.passes import move_to_device_pass
+            program = move_to_device_pass(program, device)
+        return program.module()
+    if device is not None and torch.device(device).type != "cpu":
+        raise ExportError("onnx files are run by onnxruntime's CPU provider here")
     import onnxruntime
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -117,6 +136,30 @@ def _to_torchscript(scorer: nn.Module, inputs: tuple, names: list[str], out: Pat
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=DeprecationWarning)
         traced = torch.jit.trace(scorer, inputs, check_trace=False)
     traced.save(str(out))
+
+
+def exported_program(scorer: nn.Module, inputs: tuple, names: list[str]) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of the scoring model, batch dimension dynamic, holding no device.
+
+    Before each dtype conversion (``.to(dtype)``, ``.long()``, ...) torch.export inserts
+    ``aten._assert_tensor_metadata`` with the input's dtype, layout and device; the device
+    would make the program fail on any other one, so it is dropped (dtype and layout are
+    still checked). ``torch.export.passes.move_to_device_pass`` would rewrite it at load
+    instead, but a program without it also runs where that pass is not applied.
+    """
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(scorer, inputs, dynamic_shapes={name: {0: batch} for name in names})
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.target is torch.ops.aten._assert_tensor_metadata.default and "device" in node.kwargs:
+                    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "device"}
+            module.recompile()
+    return program
+
+
+def _to_pt2(scorer: nn.Module, inputs: tuple, names: list[str], out: Path) -> None:
+    torch.export.save(exported_program(scorer, inputs, names), str(out))
 
 
 def _to_onnx(scorer: nn.Module, inputs: tuple, names: list[str], out: Path) -> None:
@@ -157,12 +200,13 @@ def _onnx_cummin():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`seqrec export --checkpoint CKPT --out FILE [--format torchscript|onnx]`."""
+    """`seqrec export --checkpoint CKPT --out FILE [--format torchscript|onnx|pt2]`."""
     parser = argparse.ArgumentParser(prog="seqrec export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="best.pt or latest.pt of a run")
     parser.add_argument("--out", required=True, help="file to write (its item-id mapping goes to FILE.json)")
     parser.add_argument("--format", default="torchscript", choices=FORMATS,
-                        help="torchscript (built in) or onnx (needs pip install -e '.[onnx]')")
+                        help="torchscript (built in), onnx (needs pip install -e '.[onnx]') or pt2 "
+                             "(a torch.export program)")
     args = parser.parse_args(argv)
     try:
         sidecar = export(args.checkpoint, args.out, args.format)

@@ -24,10 +24,12 @@ def attention_mask(items: torch.Tensor) -> torch.Tensor:
 
     A padded query may still see itself so that no softmax row is empty (its output
     is never used); a real query never sees padding because padding only precedes it.
+    Built from ``items`` itself (``new_ones``), not with ``device=items.device``: a traced or
+    exported graph would hold that device as a constant (tests/test_export.py).
     """
     length = items.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril_()
-    eye = torch.eye(length, dtype=torch.bool, device=items.device)
+    causal = items.new_ones(length, length, dtype=torch.bool).tril_()
+    eye = causal.triu()
     return (causal & ((items != 0)[:, None, :] | eye))[:, None]
 
 

@@ -16,6 +16,13 @@ from .attention import CausalSelfAttention
 from .dropout import Dropout
 
 
+def column_indices(items: torch.Tensor) -> torch.Tensor:
+    """0..W-1 for items [B, W], as int64 on items' device: a cumulative sum of ``new_ones``, not
+    ``torch.arange(W, device=items.device)``, whose device a traced or exported graph holds as a
+    constant (tests/test_export.py)."""
+    return items.new_ones(items.shape[1], dtype=torch.long).cumsum(0).sub_(1)
+
+
 class FeedForward(nn.Module):
     """Point-wise two-layer FFN (the reference's kernel-1 convolutions)."""
 
@@ -111,7 +118,7 @@ class SASRec(nn.Module):
         valid = items != 0
         maxlen = self.pos_emb.num_embeddings - 1
         first = maxlen - items.shape[1] + 1
-        columns = torch.arange(items.shape[1], device=items.device) if columns is None else columns
+        columns = column_indices(items) if columns is None else columns
         x = self.item_emb(items) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb((columns + first) * valid)
         return self.emb_dropout(x) * valid[..., None]
 
@@ -134,7 +141,7 @@ class SASRec(nn.Module):
         """
         items = batch["items"]
         width = items.shape[1]
-        slots = torch.arange(width, device=items.device)
+        slots = column_indices(items)
         padding = (items == 0).sum(1, keepdim=True)
         columns = (slots + padding) % width  # slot -> column: the items, then the padding
         hidden = self.encode(self.embed(items.gather(1, columns), columns), {"mask": None})
@@ -144,7 +151,7 @@ class SASRec(nn.Module):
     def real_slots(self, items: torch.Tensor) -> torch.Tensor:
         """Which slots of the layers' [B, W] inputs hold items (the rest is padding): the
         first ones of each row, which `forward` rotated to the front."""
-        return torch.arange(items.shape[1], device=items.device) < (items != 0).sum(1, keepdim=True)
+        return column_indices(items) < (items != 0).sum(1, keepdim=True)
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Dot products of hidden [..., d] with items [...] (broadcasting; pass hidden[..., None, :]
