@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 LOSSES = ("bce", "gbce", "sampled_softmax", "ce")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PROTOCOLS = ("sampled", "full")
-DEMO_PRESET = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.yaml"
+DEMO_PRESET = importlib.resources.files("seqrec") / "presets" / "demo.yaml"  # package data (launch/configs/ mirrors it)
 
 
 class ConfigError(ValueError):
@@ -215,9 +216,9 @@ def set_leaf(cfg: Config, name: str, value: Any, where: str = "config") -> None:
     setattr(getattr(cfg, section), name, _coerce(name, value, typ, where))
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path | importlib.resources.abc.Traversable) -> dict:
     try:
-        text = Path(path).read_text()
+        text = (path if hasattr(path, "read_text") else Path(path)).read_text()  # a file or a package resource
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
     try:

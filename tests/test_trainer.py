@@ -135,13 +135,15 @@ def test_inference_only_reproduces_final_metrics(data_file, tmp_path):
     assert again["test"] == results["test"]
 
 
-def test_demo_run_beats_popularity(tmp_path):
-    """A short run on the embedded demo data must clearly beat ranking by popularity."""
-    from conftest import REPO
+def test_demo_run_beats_popularity(tmp_path, monkeypatch):
+    """A short run on the packaged demo data (as generated here, into a fresh cache) must clearly
+    beat ranking by popularity."""
     from seqrec.cli import load_data
+    from seqrec.data import demo
     from seqrec.evaluate import evaluate
     from seqrec.models import Popularity
-    cfg = small_config(REPO / "data" / "demo.txt", tmp_path / "r", train__num_epochs=10, train__eval_every=5,
+    monkeypatch.setenv("SEQREC_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = small_config(demo.demo_path(), tmp_path / "r", train__num_epochs=10, train__eval_every=5,
                        train__batch_size=128, train__warmup_steps=20, model__maxlen=50, model__hidden_units=32,
                        eval__eval_negatives=100, eval__eval_batch_size=512)
     results = run(cfg)

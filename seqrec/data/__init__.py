@@ -4,23 +4,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import DataConfig
+from . import demo
 from .readers import DataError, Interactions, read_interactions
 from .sequences import Sequences, build_sequences
 from .tensors import EvalSplit, SequenceTensors
 
-REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+
+def checkout_data() -> Path | None:
+    """data/ of the source checkout this package runs from, or None for an installed package
+    (site-packages holds no pyproject.toml next to seqrec/)."""
+    root = Path(__file__).resolve().parents[2]
+    return root / "data" if (root / "pyproject.toml").is_file() and (root / "data").is_dir() else None
 
 
 def resolve_path(cfg: DataConfig) -> Path:
-    """--data_path as given; --dataset NAME -> data/NAME.txt in the working directory or the repository."""
+    """--data_path as given; --dataset NAME -> data/NAME.txt in the working directory or the
+    checkout; 'demo' otherwise -> the packaged demo data (generated and cached on first use)."""
     if cfg.data_path:
         return Path(cfg.data_path)
     if not cfg.dataset:
         raise DataError("no data: give --dataset NAME or --data_path FILE")
-    for base in (Path("data"), REPO_DATA):
-        path = base / f"{cfg.dataset}.txt"
-        if path.exists():
-            return path
+    for base in (Path("data"), checkout_data()):
+        if base is not None and (base / f"{cfg.dataset}.txt").exists():
+            return base / f"{cfg.dataset}.txt"
+    if cfg.dataset == "demo":
+        try:
+            return demo.demo_path()
+        except OSError as err:
+            raise DataError(f"demo data: {err}") from None
     hint = " (run data/convert_ml1m.py first)" if cfg.dataset == "ml-1m" else ""
     raise DataError(f"data/{cfg.dataset}.txt: dataset '{cfg.dataset}' not found{hint}")
 

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import importlib.resources
 import os
 import platform
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("mhc_kernels.c")
+SOURCE = importlib.resources.files("seqrec.models") / "mhc_kernels.c"  # package data, compiled from a real file
 # -march=native: the cache key includes the CPU. The reassociation flags let gcc vectorise
 # the kernel's dot products (their rounding differs from PyTorch's at float epsilon).
 # -fopenmp links libgomp.so.1, which resolves to the copy PyTorch has loaded (same soname),
@@ -60,11 +61,12 @@ def build(real: str, streams: int) -> Path:
         with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         try:
-            command = [compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"]
-            try:
-                subprocess.run([*command, *OPENMP], check=True, capture_output=True, text=True)
-            except subprocess.CalledProcessError:
-                subprocess.run(command, check=True, capture_output=True, text=True)
+            with importlib.resources.as_file(SOURCE) as source:  # a temporary copy if zipped
+                command = [compiler, *flags, str(source), "-o", str(partial), "-lm"]
+                try:
+                    subprocess.run([*command, *OPENMP], check=True, capture_output=True, text=True)
+                except subprocess.CalledProcessError:
+                    subprocess.run(command, check=True, capture_output=True, text=True)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
