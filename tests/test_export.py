@@ -123,17 +123,6 @@ def test_export_refuses_a_wrong_trace_and_bad_input(tmp_path, monkeypatch, capsy
 # exports with a device kwarg, fixed to the device of the export; run elsewhere, the graph fails
 # (a tensor on the wrong device) or computes there. Shapes' "device=cpu" in the printed graphs
 # are type annotations of values, not constants, and are not looked at.
-# mhc.py enters torch.autocast(x.device.type, enabled=False) in MHCResidual.coefficients, .widen
-# (and .mix with mhc_no_amp): torch.export records it as wrap_with_autocast("cpu", ...).
-# Until mhc.py changes, mHC programs are expected to fail on that alone (strict: then this mark goes).
-
-
-class MhcAutocast(Exception):
-    """The only devices in a program are torch.autocast's, entered in mhc.py."""
-
-
-MHC_AUTOCAST = pytest.mark.xfail(raises=MhcAutocast, strict=True, reason="mhc.py: torch.autocast(x.device.type) "
-                                 "exports as wrap_with_autocast('cpu', ...) (MHCResidual.coefficients, .widen)")
 
 
 def _is_device(value) -> bool:
@@ -183,17 +172,12 @@ def program_device_literals(program: torch.export.ExportedProgram) -> list[str]:
 
 
 def assert_program_holds_no_device(program: torch.export.ExportedProgram) -> None:
-    found = program_device_literals(program)
-    assert [f for f in found if "wrap_with_autocast" not in f] == []
-    if found:
-        raise MhcAutocast(found[0])
+    assert program_device_literals(program) == []
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
-def test_exported_files_hold_no_device(trained, fmt, tmp_path, request):
+def test_exported_files_hold_no_device(trained, fmt, tmp_path):
     """What `seqrec export` writes, loaded back, holds no device constant or argument."""
-    if fmt == "pt2" and "mhc" in request.node.callspec.id:
-        request.applymarker(MHC_AUTOCAST)
     checkpoint, _ = trained
     out = tmp_path / f"model.{fmt}"
     assert console(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", fmt]) == 0

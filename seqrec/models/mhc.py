@@ -18,49 +18,20 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from . import native
 
 
-def _normalise(z: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The forward of _Normalise: the result and the normalisers its backward needs."""
-    p = z.exp()
-    sums = []
-    for dim in dims:
-        sums.append(p.sum(dim, keepdim=True))
-        p.mul_(sums[-1].reciprocal())
-    return p, sums
+FLOOR = -60.0  # Sinkhorn's logits floor, relative to their column's max (as in mhc_kernels.c)
 
 
-class _Normalise(torch.autograd.Function):
-    """exp(z), then divide by its sums over dims[0], dims[1], ... in turn (z: [n, n, T]).
-
-    Autograd through the unrolled loop records two ops and keeps two [n, n, T] tensors
-    per step. This forward keeps only the normalisers ([n, 1, T] row or [1, n, T]
-    column sums) and the backward walks the steps in reverse, rebuilding each iterate
-    from the next by multiplying its normaliser back in. For Y = X / s with
-    s = X.sum(dim): dX = (dY - sum(dY ⊙ Y, dim)) / s. Divisions are multiplications
-    by the small reciprocal (a broadcast division costs 2.5x a multiplication on CPU).
-    """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        p, sums = _normalise(z, dims)
-        ctx.dims = dims
-        ctx.save_for_backward(p, *sums)
-        return p
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        p, *sums = ctx.saved_tensors
-        g, y, gy = grad.clone(memory_format=torch.contiguous_format), p.clone(), torch.empty_like(p)
-        for dim, s in zip(reversed(ctx.dims), reversed(sums)):
-            g.sub_(torch.mul(g, y, out=gy).sum(dim, keepdim=True)).mul_(s.reciprocal())
-            y.mul_(s)
-        return g.mul_(y), None
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays, anything else computes in float32 (torch.promote_types(dtype, float32)
+    for the real dtypes, without an aten call)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -69,26 +40,40 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     convergence error. Vectorised over all leading dims (one matrix per token).
 
     Each column's logits are shifted to max 0 (the first column normalisation removes
-    such a shift exactly, so it needs no gradient) and floored at -60: exp() then has a
-    1 in every column and nothing below 1e-26, so no normaliser can underflow to 0 (a
-    global max shift gives 0/0 for a row far below the max in every column). The floor
+    such a shift exactly, so it needs no gradient) and floored at -60 (FLOOR): exp() then
+    has a 1 in every column and nothing below 1e-26, so no normaliser can underflow to 0
+    (a global max shift gives 0/0 for a row far below the max in every column). The floor
     only moves entries under 1e-26 of their column's largest; a row made only of those
-    comes out spread instead of NaN. Invariant to adding a constant to a matrix's (or a
-    column's) logits.
+    comes out spread instead of NaN, and floored entries get no gradient. Invariant to
+    adding a constant to a matrix's (or a column's) logits.
+
+    Normalised in the log domain: dividing exp(z) by its sums over a dim is
+    exp(log_softmax(z, dim)), so each normalisation is one fused op (log_softmax; the last,
+    rows, a softmax that leaves the exponent), and autograd's backward of each is one op
+    too (g - exp(y)·Σg): 2·iters + 3 ops forward and 2·iters + 1 backward, the exact
+    gradient of the unrolled iterations. On a GPU, where this model is bound by kernel
+    launches, that is 4x fewer than normalising exp(z) in place (sum, reciprocal, multiply
+    per step, and a backward replaying the steps at ~6 ops each). The cost: autograd keeps
+    every iterate ([n, n, T] each, 2·iters of them) where the in-place form kept only the
+    normalisers, and on CPU exp/log per entry make it ~1.3x slower there (a whole model's
+    forward + backward on the PyTorch path 1.04x; the CPU runs the compiled kernel,
+    native.PreMix, by default). The same numbers as the linear domain
+    to ~1e-15 in float64; in float32 within a few float32 ulps absolute.
 
     Computed in at least fp32 (bf16/fp16 inputs are cast up; fp64 stays fp64 so the
-    backward can be gradchecked) and returned in that dtype. Tokens-last internally: the
-    size-n sums are then contiguous vector adds over tokens, ~10x faster on CPU than
-    reducing a trailing axis of size 4; tokens-last input (as MHCResidual passes) costs
-    no copy.
+    backward can be gradchecked) and returned in that dtype. Tokens-last internally
+    ([n, n, T]: the size-n reductions run across contiguous token vectors); tokens-last
+    input (as MHCResidual passes) costs no copy. Plain aten ops: jit.trace, torch.export
+    and torch.compile(fullgraph=True) see through it.
     """
     n = logits.shape[-1]
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, n, n).permute(1, 2, 0)
-    z = (z - z.amax(0, keepdim=True).detach()).clamp_min(-60.0)
-    z, dims = z.contiguous(), (0, 1) * iters
-    # A traced graph (seqrec.export) cannot hold a Python autograd.Function; it needs no backward.
-    p = _normalise(z, dims)[0] if torch.jit.is_tracing() else _Normalise.apply(z, dims)
-    return p.permute(2, 0, 1).reshape(logits.shape)
+    z = logits.to(_at_least_fp32(logits.dtype)).reshape(-1, n, n).permute(1, 2, 0).contiguous()
+    # threshold, not clamp_min: one op backward (clamp_min's is three), and, like the kernel,
+    # no gradient at the floor itself
+    z = F.threshold(z - z.detach().amax(0, keepdim=True), FLOOR, FLOOR)
+    for step in range(2 * iters - 1):  # columns (dim 0), rows (dim 1), ..., columns
+        z = torch.log_softmax(z, step % 2)
+    return torch.softmax(z, 1).permute(2, 0, 1).reshape(logits.shape)
 
 
 def _rms_projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,6 +85,8 @@ def _rms_projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, t
 
 class _RMSProjection(torch.autograd.Function):
     """RMSNorm(x) @ phi, tokens last: x [T, D], phi [D, K] -> [K, T], with a hand-written backward.
+    (MHCResidual now runs _Logits, which also applies α and b; seqrec.bench.mhc_parts
+    still times this one.)
 
     The per-token 1/rms(x) is applied to the [K, T] product instead of to x (it
     commutes with the projection), so no normalised [T, D] copy is made. Autograd's
@@ -125,6 +112,97 @@ class _RMSProjection(torch.autograd.Function):
         # (scaled·x)ᵀ, not xᵀ·scaledᵀ: the same product, which MKL runs 1.4x (D = 200, K = 24) to
         # 6.7x (D = 50, K = 8) faster in this layout on CPU (3,200 tokens, one thread)
         return grad_x, torch.mm(scaled, x).t()
+
+
+def _logits(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, static: torch.Tensor,
+            n: int) -> tuple[torch.Tensor, ...]:
+    """The forward of _Logits: the logits, and the 1/rms, raw product, row scales and
+    scale ⊗ 1/rms its backward needs."""
+    inv_rms = torch.add(1e-6, torch.linalg.vector_norm(x, dim=1).square_(), alpha=1 / x.shape[1]).rsqrt_()
+    raw = torch.mm(phi.t(), x.t())
+    scale = torch.cat([a.expand(m) for a, m in zip(alpha, (n, n, n * n)[:3 if phi.shape[1] > 2 * n else 2])])
+    outer = torch.outer(scale, inv_rms)
+    return torch.addcmul(static[:, None], outer, raw), inv_rms, raw, scale, outer
+
+
+class _Logits(torch.autograd.Function):
+    """H̃ = α·(RMSNorm(x)·φ) + b tokens last: x [T, D], phi [D, k], alpha [3], static [k] -> [k, T],
+    for the k = 2n + n² coefficient logits of n streams, or their first 2n (the widening
+    block), with a hand-written backward.
+
+    The per-token r = 1/rms(x) is applied to the [k, T] product instead of to x (it
+    commutes with the projection), so no normalised [T, D] copy is made. With
+    s = (α_pre·1_n, α_post·1_n, α_res·1_n²) and y = b + (s ⊗ r) ⊙ (φᵀxᵀ):
+      db = Σ_t g,  ds = (g ⊙ φᵀxᵀ)·r (summed per α),  d(φᵀxᵀ) = g ⊙ (s ⊗ r),
+      dx = d(φᵀxᵀ)ᵀφᵀ - (r³/D)·((g ⊙ φᵀxᵀ)ᵀs) ⊙ x,
+    the norm's part folded into the projection's input gradient as one in-place pass.
+    8 ops forward and 13 (12 for 2n rows) backward, where _RMSProjection with autograd's
+    α and b around it took 9 and 20 (addcmul's backward alone is 6, α's expand/cat 4).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, static: torch.Tensor,
+                n: int) -> torch.Tensor:
+        logits, *saved = _logits(x, phi, alpha, static, n)
+        ctx.n = n
+        ctx.save_for_backward(x, phi, *saved)
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, phi, inv_rms, raw, scale, outer = ctx.saved_tensors
+        n = ctx.n
+        weighted = grad * raw
+        grad_scale = torch.mv(weighted, inv_rms)
+        gates = grad_scale[:2 * n].view(2, n).sum(1)
+        grad_alpha = (torch.cat([gates, grad_scale[2 * n:].sum(0, keepdim=True)]) if grad_scale.shape[0] > 2 * n
+                      else F.pad(gates, (0, 1)))  # the widening block has no H_res: α_res gets exactly 0
+        scaled = grad * outer
+        norm_part = inv_rms.pow(3).mul_(torch.mv(weighted.t(), scale))
+        grad_x = torch.mm(scaled.t(), phi.t()).addcmul_(x, norm_part[:, None], value=-1 / x.shape[1])
+        # All k = 2n + n² columns: φ is the Parameter, whose gradient is kept in its own layout
+        # (a transposed one would be copied into it, a second op). The widening block's Σ_j φ_j
+        # [C, 2n] has its gradient expanded and copied into φ's anyway, and on CPU (where this
+        # block runs with the compiled kernel too) MKL runs (scaled·x)ᵀ 2-4x faster there.
+        grad_phi = torch.mm(x.t(), scaled.t()) if phi.shape[1] > 2 * n else torch.mm(scaled, x).t()
+        return grad_x, grad_phi, grad_alpha, grad.sum(1), None
+
+
+class _Update(torch.autograd.Function):
+    """res + gain·H_post ⊗ out per token (the H_post update): res [..., n, C], h [..., n],
+    out [..., C] -> [..., n, C], addcmul's numbers, with a backward of two batched products
+    (dh = gain·Σ_c g⊙out, dout = gain·hᵀg; dres = g itself) where addcmul's is six ops
+    (each factor times `value`, times g, summed). `gain` is H_post's 2 when h is the
+    sigmoid (the PyTorch path), so it costs no op of its own. Under autocast out is
+    low precision and the result promotes to fp32, as addcmul does."""
+
+    @staticmethod
+    def forward(ctx, res: torch.Tensor, h: torch.Tensor, out: torch.Tensor, gain: float) -> torch.Tensor:
+        ctx.save_for_backward(h, out)
+        ctx.gain = gain
+        return torch.addcmul(res, h[..., None], out[..., None, :], value=gain)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, out = ctx.saved_tensors
+        n, dim = grad.shape[-2:]
+        g, h3, out3 = grad.reshape(-1, n, dim), h.reshape(-1, n, 1), out.to(grad.dtype).reshape(-1, 1, dim)
+        # beta = 0: baddbmm's first argument is ignored (only its shape is used), so `gain` is
+        # applied inside the product
+        grad_h = torch.baddbmm(h3, g, out3.transpose(1, 2), beta=0, alpha=ctx.gain).view(h.shape)
+        grad_out = torch.baddbmm(out3, h3.transpose(1, 2), g, beta=0, alpha=ctx.gain).view(out.shape)
+        return grad, grad_h, grad_out, None
+
+
+def full_precision(x: torch.Tensor):
+    """Autocast switched off for x's device while it is on, else nothing: an unconditional
+    ``torch.autocast(device, enabled=False)`` would export as a region bound to the exporting
+    device (``wrap_with_autocast('cpu', ...)``) and tie the graph to it."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class MHCResidual(nn.Module):
@@ -194,31 +272,37 @@ class MHCResidual(nn.Module):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_pre [..., n], H_post [..., n], H_res [..., n, n] for x [..., n, C], in at least fp32."""
+        h_pre, half_post, h_res = self._coefficients(x)
+        return h_pre, 2 * half_post, h_res
+
+    def _coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_pre, H_post / 2 (the 2 is applied where H_post is used) and H_res: see coefficients."""
         n, lead = self.n, x.shape[:-2]
-        with torch.autocast(x.device.type, enabled=False):
-            logits = self.logits(x.reshape(-1, x.shape[-2] * x.shape[-1]), self.phi)  # [2n + n², T]
-            h_res = sinkhorn(logits[2 * n:].view(n, n, -1).permute(2, 0, 1), self.iters)
-        return *self.gates(logits, lead), h_res.reshape(*lead, n, n)
+        with full_precision(x):
+            # split (not slicing): the backward is one concatenation, not zero-filled copies added up
+            gate_logits, res_logits = self.logits(x.reshape(-1, x.shape[-2] * x.shape[-1]), self.phi).split(
+                [2 * n, n * n])  # [2n, T], [n², T]
+            h_res = sinkhorn(res_logits.view(n, n, -1).permute(2, 0, 1), self.iters)
+            return *self.gates(gate_logits, lead), h_res.reshape(*lead, n, n)
 
     def logits(self, flat: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """H̃ = α·(RMSNorm(flat)·φ) + b, tokens last ([k, T]) for flat [T, D] and phi [D, k]:
-        all coefficients (phi = self.phi), or the first k. Call with autocast off."""
-        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        projected = (_rms_projection(flat, phi)[0] if torch.jit.is_tracing()  # see sinkhorn
-                     else _RMSProjection.apply(flat, phi))
-        n, k = self.n, phi.shape[1]
-        scale = torch.cat([a.expand(m) for a, m in zip(self.alpha, (n, n, n * n))])[:k]
-        return torch.addcmul(self.static[:k, None], scale[:, None], projected)
+        all coefficients (phi = self.phi), or the first k = 2n. Call with autocast off."""
+        flat, k = flat.to(_at_least_fp32(flat.dtype)), phi.shape[1]
+        static = self.static if k == self.static.shape[0] else self.static[:k]
+        if torch.jit.is_tracing():  # a traced graph (seqrec.export) cannot hold a Python autograd.Function
+            return _logits(flat, phi, self.alpha, static, self.n)[0]
+        return _Logits.apply(flat, phi, self.alpha, static, self.n)
 
     def gates(self, logits: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """H_pre = sigmoid, H_post = 2·sigmoid of the first 2n logits, each [*lead, n]."""
+        """H_pre = sigmoid and H_post / 2 = sigmoid of the 2n gate logits [2n, T], each [*lead, n]
+        (one sigmoid for both; callers apply H_post's factor 2 where they use it)."""
         n = self.n
-        return (torch.sigmoid(logits[:n]).t().reshape(*lead, n),
-                2 * torch.sigmoid(logits[n:2 * n]).t().reshape(*lead, n))
+        return torch.sigmoid(logits).t().reshape(*lead, 2 * n).split(n, -1)
 
     def widen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What `mix` returns for n identical copies of x [..., C] (the embedding entering the
-        first sub-layer), computed from the single copy.
+        """What `_mix` returns for n identical copies of x [..., C] (the embedding entering the
+        first sub-layer), computed from the single copy: the streams, H_pre·x and H_post / 2.
 
         Every H_res has rows summing to 1 (Sinkhorn ends with rows), so H_res·x is x itself:
         no Sinkhorn, no mixing, and the H_res logits are not needed. The RMS of the n·C
@@ -229,23 +313,28 @@ class MHCResidual(nn.Module):
         backward of the block at n=4, d=50 on 3,200 tokens, one thread: 8.9 → 6.3 ms.
         """
         n, dim = self.n, x.shape[-1]
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x):
             phi = self.phi[:, :2 * n].reshape(n, dim, 2 * n).sum(0)
-            h_pre, h_post = self.gates(self.logits(x.reshape(-1, dim), phi), x.shape[:-1])
-        return copies(x, n), h_pre.sum(-1, keepdim=True) * x, h_post
+            h_pre, half_post = self.gates(self.logits(x.reshape(-1, dim), phi), x.shape[:-1])
+        return copies(x, n), h_pre.sum(-1, keepdim=True) * x, half_post
 
     def mix(self, x: torch.Tensor, on_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_res·x [..., n, C], the sub-layer input H_pre·x [..., C] and H_post [..., n];
         `on_kernel` is `runs_native(x)`, passed by a caller that already knows it."""
         if self.runs_native(x) if on_kernel is None else on_kernel:
             return native.PreMix.apply(x, self.phi, self.alpha, self.static, self.iters)
-        h_pre, h_post, h_res = self.coefficients(x)
-        with torch.autocast(x.device.type, enabled=False) if self.no_amp else contextlib.nullcontext():
+        res, branch, half_post = self._mix(x)
+        return res, branch, 2 * half_post
+
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`mix` on PyTorch ops, returning H_post / 2."""
+        h_pre, half_post, h_res = self._coefficients(x)
+        with full_precision(x) if self.no_amp else contextlib.nullcontext():
             # One batched product reads x once for H_res·x and H_pre·x; split (not
             # slicing) so the backward is one concatenation, not zero-filled copies.
             mixing = torch.cat([h_res, h_pre[..., None, :]], -2)
             res, branch = torch.einsum("...kn,...nc->...kc", mixing, x).split([self.n, 1], -2)
-        return res, branch.squeeze(-2), h_post
+        return res, branch.squeeze(-2), half_post
 
     def runs_native(self, x: torch.Tensor) -> bool:
         """Whether `mix` uses the compiled CPU kernel (native.PreMix, the same numbers): for
@@ -257,12 +346,20 @@ class MHCResidual(nn.Module):
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         """x [..., n, C] -> [..., n, C]; a widening block takes the single stream x [..., C]."""
         on_kernel = self.runs_native(x)
-        res, branch, h_post = self.widen(x) if self.widens else self.mix(x, on_kernel)
+        if self.widens or not on_kernel:  # H_post / 2: the factor 2 goes into the update's multiply
+            (res, branch, h_post), post_gain = self.widen(x) if self.widens else self._mix(x), 2.0
+        else:
+            (res, branch, h_post), post_gain = native.PreMix.apply(x, self.phi, self.alpha, self.static,
+                                                                   self.iters), 1.0
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
         if on_kernel and not self.norm_first and out.dtype == res.dtype:
+            h_post = h_post if post_gain == 1.0 else post_gain * h_post  # the widening block's H_post / 2
             return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps,
                                          torch.is_grad_enabled())
-        x = torch.addcmul(res, h_post[..., None], out[..., None, :])  # promotes to fp32 under autocast
+        if torch.jit.is_tracing():  # see logits
+            x = torch.addcmul(res, h_post[..., None], out[..., None, :], value=post_gain)
+        else:
+            x = _Update.apply(res, h_post, out, post_gain)  # promotes to fp32 under autocast
         return x if self.norm_first else self.norm(x)
 
 
