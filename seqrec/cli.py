@@ -19,10 +19,10 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from . import hostmem, provenance
+from . import hostmem, provenance, tracking
 from .callbacks import Callback
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, DistConfig, TrainConfig, from_dict, parse_config, to_dict
+from .config import Config, ConfigError, DistConfig, TrainConfig, check_with_data, parse_config, to_dict
 from .data import DataError, SequenceTensors, load_sequences, resolve_path
 from .evaluate import evaluate, format_metrics
 from .models import Popularity, build_model
@@ -31,7 +31,7 @@ from .runlock import RunLock
 from .trainer import Trainer, TrainingError, log
 
 RUN_STATE_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json")
-RUN_FILES = (*RUN_STATE_FILES, "config.yaml", provenance.FILE)
+RUN_FILES = (*RUN_STATE_FILES, "config.yaml", provenance.FILE, tracking.RUN_ID_FILE)
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -124,6 +124,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
 
 def load_data(cfg: Config, device: torch.device) -> tuple[SequenceTensors, list[str]]:
     seqs = load_sequences(cfg.data)
+    check_with_data(cfg, seqs.num_items, str(resolve_path(cfg.data)))
     if cfg.model.time and seqs.times is None:
         raise DataError(f"{resolve_path(cfg.data)}: TiSASRec needs timestamps and this file has none; use --no_time")
     log(f"data {resolve_path(cfg.data)}: {seqs.num_users:,} users, {seqs.num_items:,} items, "
@@ -139,15 +140,15 @@ def report_popularity(cfg: Config, data: SequenceTensors) -> None:
 
 def run_inference(cfg: Config, device: torch.device) -> dict:
     """Evaluate a saved model on this data, with the model config stored in the checkpoint."""
-    state = ckpt.load(cfg.train.state_dict_path)
-    cfg.model = from_dict({"model": state["config"]["model"]}).model
+    from .serve import load_weights, model_config  # the checkpoint checks `seqrec recommend` makes
+    path = cfg.train.state_dict_path
+    state = ckpt.load(path)
+    cfg.model = model_config(state, path)
     data, _ = load_data(cfg, device)
-    model = build_model(cfg.model, data.num_items).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        raise CheckpointError(f"{cfg.train.state_dict_path}: weights do not fit this dataset "
-                              f"({data.num_items} items); was it trained on other data?") from None
+    model = build_model(cfg.model, data.num_items)
+    load_weights(model, state, path, f"its model config and the {data.num_items} items of "
+                                     f"{resolve_path(cfg.data)}; was it trained on other data?")
+    model.to(device)
     results = {}
     for split in ("valid", "test"):
         results[split] = evaluate(model, data.splits[split], cfg.eval, data.num_items)
@@ -175,6 +176,7 @@ def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True) -> dict:
             raise ConfigError("--compile_mode reduce-overhead (CUDA graphs) cannot capture DDP's gradient "
                               "all-reduce; use --compile_mode default under torchrun")
         run_dir = run_dir_of(cfg)
+        callbacks = [*tracking.from_config(cfg, run_dir), *callbacks]  # trackers first: they see every row
         lock, started = RunLock(run_dir), False
         try:
             state = claim_run(cfg, run_dir, lock if dist.is_main() else None)
@@ -207,6 +209,14 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
     except Preempted as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 128 + err.signum
+    except OSError as err:  # writing the run directory: read-only, disk full, over a quota or RLIMIT_FSIZE
+        # Reading fails as ConfigError/DataError/CheckpointError, so what is left is a write. A
+        # failed write() carries no file name, only the open() or rename before it; os.replace
+        # names its target second.
+        name, reason = err.filename2 or err.filename, err.strerror or str(err)
+        print(f"error: cannot write {name}: {reason}" if name else f"error: cannot write the run's files: {reason}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
 
 
 def console(argv: list[str] | None = None) -> int:
-    """`seqrec COMMAND [flags]`: train | evaluate | recommend | export | envcheck | bench."""
+    """`seqrec COMMAND [flags]`: train | evaluate | recommend | export | envcheck | bench | tune."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": lambda rest: main(rest, "seqrec train"),
@@ -223,12 +233,18 @@ def console(argv: list[str] | None = None) -> int:
         "bench": _bench,
         "recommend": _recommend,
         "export": _export,
+        "tune": _tune,
     }
     if not argv or argv[0] not in commands:
         print(f"usage: seqrec {{{','.join(commands)}}} [flags]   (seqrec COMMAND --help for its flags)",
               file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     return commands[argv[0]](argv[1:])
+
+
+def _tune(argv: list[str]) -> int:
+    from .tune import main as tune_main
+    return tune_main(argv)
 
 
 def _recommend(argv: list[str]) -> int:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.resources
+import math
+import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +27,6 @@ TIME_UNITS = ("second", "minute", "hour", "day", "personal")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 LOSSES = ("bce", "gbce", "sampled_softmax", "ce")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-PROTOCOLS = ("sampled", "full")
 DEMO_PRESET = importlib.resources.files("seqrec") / "presets" / "demo.yaml"  # package data (launch/configs/ mirrors it)
 
 
@@ -145,12 +147,22 @@ class DistConfig:
 
 
 @dataclass
+class TrackConfig:
+    tensorboard: bool = opt(False, "write TensorBoard event files into the run directory (pip install 'seqrec[track]')")
+    mlflow: str | None = opt(None, "MLflow tracking URI to log the run to: sqlite:///mlflow.db, file:./mlruns or "
+                                   "http://host:5000 (pip install 'seqrec[track]')")
+    mlflow_experiment: str | None = opt(None, "MLflow experiment (default: the run directory's name)")
+    mlflow_log_model: bool = opt(False, "with --mlflow, also store best.pt as an artifact of the MLflow run")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -168,6 +180,10 @@ def _leaves() -> dict[str, tuple[str, dataclasses.Field, Any]]:
 
 
 LEAVES = _leaves()
+
+
+_INT64 = 2**63
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")  # the devices the trainer and `seqrec recommend` run on
 
 
 def _coerce(name: str, value: Any, typ: Any, where: str) -> Any:
@@ -189,26 +205,58 @@ def _coerce(name: str, value: Any, typ: Any, where: str) -> Any:
             raise ValueError
         if base is list:
             items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            return [int(v) for v in items]
-        if base is int and isinstance(value, float) and not value.is_integer():
+            return [_scalar(int, v) for v in items]
+        return _scalar(base, value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float() of a 400-digit int
+        raise ConfigError(f"{where}: '{name}' expects {_kind(base)}, got {_quote(value)}") from None
+
+
+def _scalar(base: type, value: Any) -> Any:
+    """One int, float or str from a YAML scalar or a flag's text; ValueError for anything else.
+
+    YAML turns `yes` into True and `2020-01-01` into a date: neither is silently a number or
+    a name. Numbers must be finite and integers fit the int64 that tensors and the hashing
+    use, so no NaN, inf or 30-digit value reaches the code that would misuse it."""
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):  # Real: numpy's numbers too
+        raise ValueError
+    if base is str:
+        if "\x00" in str(value):  # no path or name holds a NUL; os calls would raise on it
             raise ValueError
-        return base(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: '{name}' expects {getattr(base, '__name__', base)}, got {value!r}") from None
+        return str(value)
+    if base is int and not isinstance(value, (str, numbers.Integral)) and not float(value).is_integer():
+        raise ValueError
+    number = base(value)
+    if not math.isfinite(number) or (base is int and not -_INT64 <= number < _INT64):
+        raise ValueError
+    return number
+
+
+def _kind(base: type) -> str:
+    """What a field expects, as the error message says it (including the range rules)."""
+    return {int: "int (64-bit)", float: "float (finite)", str: "str", bool: "bool (true/false)",
+            list: "list of ints (such as 1,5,10)"}.get(base, getattr(base, "__name__", str(base)))
+
+
+def _quote(value: Any) -> str:
+    """repr() keeps the message on one line whatever the value holds; long values are cut."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
     """Set fields from a flat or sectioned mapping; unknown keys are errors."""
     for key, value in mapping.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: section {_quote(key)} must be a mapping of its keys, got {_quote(value)}")
             for sub_key, sub_value in value.items():
                 if LEAVES.get(sub_key, (None,))[0] != key:
-                    raise ConfigError(f"{where}: unknown key '{key}.{sub_key}'")
+                    raise ConfigError(f"{where}: unknown key {_quote(f'{key}.{sub_key}')}")
                 set_leaf(cfg, sub_key, sub_value, where)
         elif key in LEAVES:
             set_leaf(cfg, key, value, where)
         else:
-            raise ConfigError(f"{where}: unknown key '{key}'")
+            raise ConfigError(f"{where}: unknown key {_quote(key)}")
 
 
 def set_leaf(cfg: Config, name: str, value: Any, where: str = "config") -> None:
@@ -218,13 +266,22 @@ def set_leaf(cfg: Config, name: str, value: Any, where: str = "config") -> None:
 
 def load_yaml(path: str | Path | importlib.resources.abc.Traversable) -> dict:
     try:
-        text = (path if hasattr(path, "read_text") else Path(path)).read_text()  # a file or a package resource
+        raw = (path if hasattr(path, "read_bytes") else Path(path)).read_bytes()  # a file or a package resource
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    binary = ConfigError(f"{path}: not a YAML config (binary data or not UTF-8 text)")
+    if b"\x00" in raw:
+        raise binary
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise binary from None
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    # ValueError: a date such as 2020-13-45; RecursionError: nesting deeper than Python's stack.
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path}: invalid YAML ({reason[:100]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys")
     return data
@@ -290,12 +347,19 @@ def validate(cfg: Config) -> Config:
                "compile_mode": (t.compile_mode, COMPILE_MODES)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
-    protocol, _, metric = e.select_metric.partition("/")
-    if protocol not in PROTOCOLS or not metric:
-        raise ConfigError(f"select_metric must look like 'sampled/NDCG@10' or 'full/Recall@20', got '{e.select_metric}'")
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {_quote(value)}")
     if not e.topk or min(e.topk) <= 0:
         raise ConfigError(f"topk must be positive integers, got {e.topk}")
+    if e.select_metric not in metric_names(e):
+        raise ConfigError(f"select_metric must be a metric the evaluation reports: sampled/HR@10, sampled/NDCG@10 "
+                          f"or full/Recall|NDCG|MRR@K with K in topk {e.topk}; got {_quote(e.select_metric)}")
+    if t.device is not None and not DEVICE.fullmatch(t.device):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {_quote(t.device)}")
+    for name, value in (("seed", t.seed), ("eval_seed", e.eval_seed)):  # hashed as int64, given to torch.manual_seed
+        if not 0 <= value < _INT64:
+            raise ConfigError(f"{name} must be in [0, 2**63), got {value}")
+    if not 1 <= cfg.dist.master_port <= 65535:
+        raise ConfigError(f"master_port must be a TCP port in 1..65535, got {cfg.dist.master_port}")
     if t.inference_only and not t.state_dict_path:
         raise ConfigError("--inference_only needs --state_dict_path")
     if t.resume and t.overwrite:
@@ -303,6 +367,25 @@ def validate(cfg: Config) -> Config:
     if cfg.data.dataset and cfg.data.data_path:
         raise ConfigError("give --dataset or --data_path, not both")
     return cfg
+
+
+def metric_names(e: EvalConfig) -> list[str]:
+    """Every metric evaluate() reports, hence every valid select_metric: the sampled protocol's
+    HR and NDCG at 10 (the papers' cut-off) and the full ranking's at each K of topk."""
+    full = [f"full/{name}@{k}" for k in e.topk for name in ("Recall", "NDCG", "MRR")]
+    return ["sampled/HR@10", "sampled/NDCG@10", *full]
+
+
+def check_with_data(cfg: Config, num_items: int, where: str) -> None:
+    """The checks that need the loaded data (`where` names it); run before any training.
+
+    Each evaluated user has seen at least its target, so no user has more than
+    num_items - 1 unseen items to draw sampled-protocol negatives from; asking for more
+    only repeats candidates, and far more is only slow: 10**6 took 138 s in draw_negatives
+    on a 60-user file before training began."""
+    if cfg.eval.eval_negatives > num_items - 1:
+        raise ConfigError(f"--eval_negatives {cfg.eval.eval_negatives} is more than the {num_items - 1} items a "
+                          f"user of {where} ({num_items} items) can have left unseen; pass at most {num_items - 1}")
 
 
 def build_parser(prog: str = "seqrec train") -> argparse.ArgumentParser:

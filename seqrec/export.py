@@ -28,8 +28,10 @@ device runs on another: ``load_exported(FILE, fmt, device)`` puts its weights th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -90,6 +92,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "torchscript") ->
     num_items = len(rec.item_ids)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     with torch.no_grad():
         {"torchscript": _to_torchscript, "onnx": _to_onnx, "pt2": _to_pt2}[fmt](
             scorer, example_inputs(2, rec.maxlen, num_items, rec.uses_time), names, out)
@@ -105,6 +108,15 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "torchscript") ->
         "output": "scores [B, num_items + 1] of the next item; column 0 is padding",
         "item_ids": rec.item_ids}) + "\n")
     return sidecar
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse a target that cannot be written with an OSError naming it, before the export:
+    torch's C++ writers report one as a RuntimeError ("[enforce fail at inline_container.cc]")."""
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out))
+    if not os.access(out if out.exists() else out.parent, os.W_OK):  # also EROFS, for root too
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
 
 
 def load_exported(path: str | Path, fmt: str = "torchscript",
@@ -210,9 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         sidecar = export(args.checkpoint, args.out, args.format)
-    except (ExportError, CheckpointError, OSError) as err:
+    except (ExportError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the target or its sidecar: a read-only directory, a full disk
+        # A failed write() carries no file name (only open() does); export writes only these two.
+        name = err.filename or f"{args.out} (or {sidecar_path(args.out)})"
+        print(f"error: cannot write {name}: {err.strerror or err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out} ({args.format}) and {sidecar}")
     return 0
 

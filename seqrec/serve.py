@@ -13,9 +13,40 @@ import warnings
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, from_dict
+from .config import DEVICE, ConfigError, ModelConfig, from_dict, validate
 from .evaluate import mask_items
 from .models import build_model
+
+
+def model_config(state: dict, path: str) -> ModelConfig:
+    """A checkpoint's model config, validated like a command line's: a hand-made or damaged
+    checkpoint is refused here with its path, not deep in build_model or the first forward."""
+    config = state.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise ckpt.CheckpointError(f"{path}: checkpoint has no model config (config.model)")
+    try:
+        cfg = from_dict({"model": model}, "config")
+    except ConfigError as err:  # names its key: "config: unknown key 'x'"
+        raise ckpt.CheckpointError(f"{path}: {err}") from None
+    try:
+        return validate(cfg).model
+    except ConfigError as err:
+        raise ckpt.CheckpointError(f"{path}: config: {err}") from None
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str, built_for: str) -> None:
+    """Copy the checkpoint's weights into `model` (built for `built_for`, said in the message),
+    or fail with one line naming the first mismatch torch reports."""
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise ckpt.CheckpointError(f"{path}: checkpoint has no model weights")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # torch's message: a title line, then one tab-indented line per problem
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or ["load_state_dict failed"]
+        detail = lines[0] if len(lines[0]) <= 200 else lines[0][:200] + "..."
+        raise ckpt.CheckpointError(f"{path}: weights do not fit {built_for} ({detail})") from None
 
 
 class Recommender:
@@ -28,16 +59,31 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: torch.device | str = "cpu") -> Recommender:
-        state = ckpt.load(path)
-        if not state.get("item_ids"):
+        return cls.from_state(ckpt.load(path), path, device)
+
+    @classmethod
+    def from_state(cls, state: dict, path: str, device: torch.device | str = "cpu") -> Recommender:
+        """The Recommender of a loaded checkpoint `state` (read from `path`, named in errors)."""
+        item_ids = state.get("item_ids")
+        if not isinstance(item_ids, (list, tuple)) or not item_ids:
             raise ckpt.CheckpointError(f"{path}: checkpoint has no item-id mapping (written by a benchmark?)")
-        cfg = from_dict({"model": state["config"]["model"]}).model
-        model = build_model(cfg, len(state["item_ids"]))
-        model.load_state_dict(state["model"])
-        return cls(model, cfg.maxlen, state["item_ids"], cfg.time, device)
+        cfg = model_config(state, path)
+        model = build_model(cfg, len(item_ids))
+        load_weights(model, state, path, f"its model config and its {len(item_ids)} item ids")
+        return cls(model, cfg.maxlen, [str(item) for item in item_ids], cfg.time, device)
 
     def _encode(self, histories: list[list[str]], times: list[list[int]] | None, strict: bool):
-        """Left-padded [B, maxlen] item (and time) tensors of the known items of each history."""
+        """Left-padded [B, maxlen] item (and time) tensors of the known items of each history.
+
+        A times row must pair every item with its timestamp: zip() would silently cut the
+        longer of the two, dropping the history's newest items."""
+        if times is not None:
+            if len(times) != len(histories):
+                raise ValueError(f"times has {len(times)} rows for {len(histories)} histories")
+            for row, (history, stamps) in enumerate(zip(histories, times)):
+                if len(stamps) != len(history):
+                    raise ValueError(f"times row {row} has {len(stamps)} timestamps for the {len(history)} items "
+                                     f"of history {row}")
         items = torch.zeros(len(histories), self.maxlen, dtype=torch.long)
         stamps = torch.zeros_like(items)
         for row, history in enumerate(histories):
@@ -64,12 +110,15 @@ class Recommender:
                   item_chunk: int = 65536) -> list[list[tuple[str, float]]]:
         """The k highest-scoring items (original id, score) after each history (oldest first).
 
-        TiSASRec models need the histories' unix timestamps in ``times``. Unknown item ids
-        are dropped with a warning, or rejected when ``strict``. Items are scored
-        `item_chunk` ids at a time, so memory is request batch x chunk at any catalogue size.
+        TiSASRec models need the histories' unix timestamps in ``times``, one row per history
+        and one timestamp per item. Unknown item ids are dropped with a warning, or rejected
+        when ``strict``. Items are scored `item_chunk` ids at a time, so memory is request
+        batch x chunk at any catalogue size.
         """
         if self.uses_time and times is None:
             raise ValueError("this is a TiSASRec model: pass the histories' timestamps as times=")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         if item_chunk < 1:
             raise ValueError(f"item_chunk must be at least 1, got {item_chunk}")
         batch = self._encode(histories, times, strict)
@@ -115,22 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--include_seen", action="store_true", help="allow items already in the history")
     parser.add_argument("--item_chunk", type=int, default=65536,
                         help="item ids scored at a time (memory: users x chunk scores)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
-    if args.item_chunk < 1:
-        parser.error("--item_chunk must be at least 1")
-    from .data import DataError, load_sequences
+    from .data import DataError, load_sequences, resolve_path
     try:
-        rec = Recommender.from_checkpoint(args.checkpoint, args.device)
-        data_cfg = from_dict(ckpt.load(args.checkpoint)["config"]).data
+        for flag, value in (("-k", args.k), ("--item_chunk", args.item_chunk)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        check_device(args.device)
+        state = ckpt.load(args.checkpoint)
+        rec = Recommender.from_state(state, args.checkpoint, args.device)
+        data_cfg = from_dict({"data": state["config"].get("data") or {}}, f"{args.checkpoint}: config").data
         if args.data_path:
             data_cfg.data_path, data_cfg.dataset = args.data_path, None
         users = list(args.user)
         if args.users_file:
-            users += [line.strip() for line in open(args.users_file) if line.strip()]
+            users += read_user_ids(args.users_file)
         if not users:
             raise ConfigError("give --user ID or --users_file FILE")
         seqs = load_sequences(data_cfg)
+        if rec.uses_time and seqs.times is None:
+            raise DataError(f"{resolve_path(data_cfg)}: this TiSASRec model needs timestamps and the file has none")
         row_of = {u: i for i, u in enumerate(seqs.user_ids)}
         missing = [u for u in users if u not in row_of]
         if missing:
@@ -145,3 +199,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def read_user_ids(path: str) -> list[str]:
+    """The non-blank lines of a users file, or ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read user ids ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read user ids (not UTF-8 text)") from None
+
+
+def check_device(device: str) -> None:
+    """A device this machine has: the string a config allows, and CUDA only where it is
+    available (else torch fails in the model's .to(), which reads as a broken checkpoint)."""
+    if not DEVICE.fullmatch(device):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -20,7 +20,7 @@ def main_py(*args, cwd=REPO):
 
 
 TINY = ["--device", "cpu", "--maxlen", "10", "--hidden_units", "8", "--num_heads", "1", "--num_epochs", "1",
-        "--no_time", "--no_mhc"]
+        "--no_time", "--no_mhc", "--eval_negatives", "20"]  # the toy data has 40 items
 
 
 @pytest.mark.parametrize("content, message", [
@@ -29,6 +29,7 @@ TINY = ["--device", "cpu", "--maxlen", "10", "--hidden_units", "8", "--num_heads
     (b"1 2 100\n1 3 200 4 5\n", ":2: expected 3 fields"),
     (b"\x00\x01\x02garbage\xff\xfe", "not a text file"),
     (b"1 2 100\n2 3 100\n3 4 100\n", "no user has the 2 interactions"),
+    ("1 2 100\n1 3 200\n".encode("utf-16"), "the file is UTF-16LE (byte-order mark); convert it: iconv"),
 ])
 def test_bad_data_is_one_line_error(tmp_path, content, message):
     path = tmp_path / "bad.txt"
@@ -73,3 +74,120 @@ def test_ml1m_end_to_end(tmp_path):
     assert "2,999 users, 3,266 items" in result.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 < results["test"]["sampled/NDCG@10"] < 1 and results["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--select_metric", "sampled/FOO@10"], "select_metric must be a metric the evaluation reports"),
+    (["--topk", "5,10", "--select_metric", "full/NDCG@20"], "with K in topk [5, 10]; got 'full/NDCG@20'"),
+    (["--lr", "nan"], "--lr: 'lr' expects float (finite), got 'nan'"),
+    (["--l2_emb", "nan"], "--l2_emb: 'l2_emb' expects float (finite), got 'nan'"),
+    (["--device", "mps"], "device must be cpu, cuda or cuda:N, got 'mps'"),
+    (["--seed", "12345678901234567890123"], "--seed: 'seed' expects int (64-bit), got '12345678901234567890123'"),
+])
+def test_bad_flags_are_refused_before_training(data_file, tmp_path, capsys, flags, message):
+    """Refused at start-up by validation: a bad select_metric was a KeyError after the first
+    validation, NaN trained with lr 0 / no penalty, mps failed in torch, a long seed in manual_seed."""
+    from seqrec.cli import main
+    assert main(["--data_path", str(data_file), "--train_dir", str(tmp_path / "run"), *TINY, *flags]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: ") and message in out.err and out.err.count("\n") == 1
+    assert out.out == "" and not (tmp_path / "run").exists()  # nothing loaded, nothing written
+
+
+def test_binary_config_file_is_one_line_error(tmp_path, capsys):
+    from seqrec.cli import main
+    binary = tmp_path / "best.pt"
+    binary.write_bytes(bytes(range(256)))
+    assert main(["--config", str(binary)]) == 2
+    assert capsys.readouterr().err == f"error: {binary}: not a YAML config (binary data or not UTF-8 text)\n"
+
+
+def train_into(run_dir, data_file, capsys) -> str:
+    """Train TINY into run_dir; the one line main() printed on stderr."""
+    from seqrec.cli import main
+    assert main(["--data_path", str(data_file), "--train_dir", str(run_dir), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_read_only_run_dir(data_file, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: chmod does not stop this process from writing")
+        assert train_into(locked / "run", data_file, capsys) == f"error: cannot write {locked / 'run'}: Permission denied\n"
+    finally:
+        locked.chmod(0o755)
+
+
+def test_run_dir_below_a_file(data_file, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    assert train_into(tmp_path / "taken" / "run", data_file, capsys) == \
+        f"error: cannot write {tmp_path / 'taken' / 'run'}: Not a directory\n"
+
+
+def test_disk_full_is_one_line_error(data_file, tmp_path):
+    """RLIMIT_FSIZE makes write() fail with EFBIG, as a full disk does with ENOSPC (SIGXFSZ, which
+    would kill the process first, is ignored, and stays ignored across exec). 1000 bytes: the
+    run's config.yaml (about 1.4 kB) is the first file that does not fit."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), "--data_path", str(data_file), "--train_dir",
+                             str(tmp_path / "run"), *TINY], env=env, capture_output=True, text=True, timeout=600,
+                            preexec_fn=limit)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: cannot write ") and result.stderr.endswith(": File too large\n")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.fixture
+def checkpoint(data_file, tmp_path):
+    from conftest import small_config
+    from seqrec.cli import run
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    return tmp_path / "r" / "best.pt"
+
+
+def export_error(checkpoint, out, capsys) -> str:
+    from seqrec.cli import console
+    assert console(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_export_to_a_directory(checkpoint, tmp_path, capsys):
+    """torch's writer raised '[enforce fail at inline_container.cc] ... Is a directory'."""
+    assert export_error(checkpoint, tmp_path, capsys) == f"error: cannot write {tmp_path}: Is a directory\n"
+
+
+def test_export_into_a_read_only_directory(checkpoint, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: chmod does not stop this process from writing")
+        out = locked / "m.pt"
+        assert export_error(checkpoint, out, capsys) == f"error: cannot write {out}: Permission denied\n"
+    finally:
+        locked.chmod(0o755)
+
+
+def test_eval_negatives_beyond_the_catalogue(data_file, tmp_path, capsys):
+    """Refused once the data is read, before any training (it used to spin in the sampler for minutes)."""
+    from seqrec.cli import main
+    assert main(["--data_path", str(data_file), "--train_dir", str(tmp_path / "run"), *TINY,
+                 "--eval_negatives", "1000000"]) == 2
+    assert capsys.readouterr().err == (f"error: --eval_negatives 1000000 is more than the 39 items a user of "
+                                       f"{data_file} (40 items) can have left unseen; pass at most 39\n")
+    assert not (tmp_path / "run").exists()

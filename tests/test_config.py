@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from seqrec.config import Config, ConfigError, from_dict, parse_config, to_dict
+from seqrec.config import Config, ConfigError, check_with_data, from_dict, metric_names, parse_config, to_dict
 
 
 def test_seed_defaults_with_a_dataset():
@@ -46,6 +46,27 @@ def test_seed_compat_flags():
     (["--inference_only"], "needs --state_dict_path"),
     (["--resume", "--overwrite"], "contradict"),
     (["--select_metric", "NDCG@10"], "select_metric"),
+    # refused at start-up, not by a KeyError after the first validation
+    (["--select_metric", "sampled/FOO@10"], "select_metric must be a metric the evaluation reports"),
+    (["--select_metric", "full/NDCG@50"], r"K in topk \[1, 5, 10, 20\]; got 'full/NDCG@50'"),
+    (["--topk", "5,10", "--select_metric", "full/Recall@20"], "select_metric"),
+    (["--select_metric", "sampled/NDCG@20"], "select_metric"),  # the sampled protocol reports @10 only
+    # NaN passed every `<= 0` test and trained with lr 0 / no penalty
+    (["--lr", "nan"], "'lr' expects float \\(finite\\), got 'nan'"),
+    (["--l2_emb", "nan"], "'l2_emb' expects float"),
+    (["--grad_clip", "inf"], "'grad_clip' expects float"),
+    (["--gbce_t=-inf"], "'gbce_t' expects float"),
+    (["--dropout_rate", "1e400"], "'dropout_rate' expects float"),
+    (["--device", "foo"], "device must be cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "mps"], "device must be cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "device must be"),
+    (["--seed", "12345678901234567890123"], "'seed' expects int \\(64-bit\\)"),  # torch.manual_seed's traceback
+    (["--seed", str(2**63)], "'seed' expects int"),
+    (["--seed", "-1"], r"seed must be in \[0, 2\*\*63\)"),
+    (["--eval_seed", "-5"], "eval_seed must be in"),
+    (["--master_port", "70000"], "master_port must be a TCP port"),
+    (["--topk", "1,x"], "'topk' expects list of ints"),
+    (["--time_unit", "a\nb"], "time_unit must be one of .*'a\\\\nb'"),  # repr: still one line
 ])
 def test_invalid_values_are_one_line_errors(argv, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -63,6 +84,66 @@ def test_unknown_keys_rejected(tmp_path):
         parse_config(["--config", str(path)])
     with pytest.raises(SystemExit):
         parse_config(["--no_such_flag"])
+
+
+@pytest.mark.parametrize("argv", [["--device", "cpu"], ["--device", "cuda"], ["--device", "cuda:3"],
+                                  ["--seed", str(2**63 - 1)], ["--topk", "5,50", "--select_metric", "full/MRR@50"],
+                                  ["--select_metric", "sampled/HR@10"]])
+def test_valid_edge_values_pass(argv):
+    parse_config(["--dataset", "x", *argv])  # the device need not exist here: resolve_device checks that
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: .nan\n", "'lr' expects float"),
+    ("seed: true\n", "'seed' expects int"),  # YAML's yes/true is not the number 1
+    ("lr: yes\n", "'lr' expects float"),
+    ("topk: [1.5, 10]\n", "'topk' expects list of ints"),  # int(1.5) would be 1
+    ("dataset: [a, b]\n", "'dataset' expects str"),
+    ("dataset: 2020-01-01\n", "'dataset' expects str"),  # YAML makes it a date
+    ("lr: 1" + "0" * 400 + "\n", "'lr' expects float"),  # float() overflows
+    ("model: 5\n", "section 'model' must be a mapping"),
+    ("when: 2020-13-45\n", "invalid YAML \\(month must be in 1..12\\)"),
+    ("a: " + "[" * 3000 + "\n", "invalid YAML"),
+    ("? [a, b]\n: 1\n", "invalid YAML"),
+    ('"a\\nb": 1\n', r"unknown key 'a\\nb'"),
+], ids=["nan", "bool-int", "bool-float", "float-list", "list-str", "date-str", "huge-float", "section", "bad-date",
+        "deep", "complex-key", "newline-key"])
+def test_yaml_values_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_config(["--config", str(path), "--dataset", "x"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"lr: 0.1\n\x00\x00", "lr: caf\xe9\n".encode("latin-1")],
+                         ids=["all-bytes", "nul", "latin-1"])
+def test_binary_config_file(tmp_path, content):
+    """A binary file as --config was a UnicodeDecodeError traceback."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match="not a YAML config \\(binary data or not UTF-8 text\\)"):
+        parse_config(["--config", str(path)])
+
+
+def test_yaml_with_a_utf8_bom(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("\ufeffdataset: x\nlr: 0.01\n".encode())
+    assert parse_config(["--config", str(path)]).train.lr == 0.01
+
+
+def test_select_metric_names_are_the_evaluated_ones():
+    """config.metric_names is what validation allows; evaluate._metric_names what evaluate() returns."""
+    from seqrec.evaluate import _metric_names
+    e = parse_config(["--dataset", "x", "--topk", "3,7"]).eval
+    assert sorted(metric_names(e)) == _metric_names(e, ("sampled", "full"))
+
+
+def test_eval_negatives_checked_against_the_catalogue():
+    cfg = parse_config(["--dataset", "x", "--eval_negatives", "40"])
+    check_with_data(cfg, 41, "toy.txt")  # each user has seen its target: 40 items may be unseen
+    with pytest.raises(ConfigError, match="--eval_negatives 40 is more than the 39 items a user of toy.txt"):
+        check_with_data(cfg, 40, "toy.txt")
 
 
 def test_round_trip_through_dict():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqrec.data import readers
+from seqrec.data import build_sequences, readers
 from seqrec.data.readers import DataError, Interactions, read_interactions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,6 +220,68 @@ def test_not_utf8_names_the_line(tmp_path):
     path = write(tmp_path, "1 2 3\n1 caf\xe9 4\n".encode("latin-1"))
     message = read_error(path)
     assert message.startswith(f"{path}:2: not a text file (binary data")
+
+
+@pytest.mark.parametrize("encoding, named, source", [
+    ("utf-16", "UTF-16LE (byte-order mark)", "UTF-16"),  # Python writes the BOM and little-endian
+    ("utf-16-le", "UTF-16LE (NUL at every second byte)", "UTF-16LE"),
+    ("utf-16-be", "UTF-16BE (NUL at every second byte)", "UTF-16BE"),
+    ("utf-32", "UTF-32LE (byte-order mark)", "UTF-32"),
+])
+def test_utf16_and_utf32_files_are_named(tmp_path, encoding, named, source):
+    """Windows tools write UTF-16 by default: say so and how to convert, not 'NUL byte'."""
+    path = write(tmp_path, "user,item,timestamp\n1,2,3\n1,3,4\n".encode(encoding), "export.csv")
+    message = read_error(path)
+    assert message == f"{path}: not UTF-8 text: the file is {named}; convert it: iconv -f {source} -t UTF-8"
+
+
+# ------------------------------------------------------------------ ids: what counts as the same user or item
+
+
+def sequences_of(tmp_path: Path, users: list[str], items: list[str] | None = None):
+    """build_sequences over a file giving each user four interactions (a training pair, a
+    validation and a test item)."""
+    items = items or [f"i{k}" for k in range(4)]
+    lines = [f"{u} {i} {t}" for u in users for t, i in enumerate(items)]
+    return build_sequences(read_interactions(str(write(tmp_path, "\n".join(lines) + "\n"))))
+
+
+@pytest.mark.parametrize("spelling, plain", [("+1", "1"), ("1_00", "100"), ("٣", "3")])
+def test_other_spellings_of_a_number_are_distinct_ids(tmp_path, spelling, plain):
+    """numpy's int conversion reads "+1", "1_000" and Unicode digits as numbers: it merged
+    users 201 -> 200. A column holding one is a column of strings, sorted as text."""
+    users = [str(u) for u in range(1, 201)] + [spelling]
+    seqs = sequences_of(tmp_path, users)
+    assert seqs.num_users == 201
+    assert {spelling, plain} <= set(seqs.user_ids.tolist())
+    assert seqs.user_ids.tolist() == sorted(seqs.user_ids.tolist())  # as strings: "10" before "2"
+
+
+def test_blank_padded_id_is_not_the_number(tmp_path):
+    """Readers strip blanks; an Interactions made in code may keep them, and " 7" is not 7."""
+    rows = [(user, item, t) for user in (" 7", "7") for t, item in enumerate("abcd")]
+    data = Interactions(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                        np.array([r[2] for r in rows], dtype=np.int64), "mem")
+    assert build_sequences(data).user_ids.tolist() == [" 7", "7"]
+
+
+def test_ids_beyond_int64_are_strings_not_an_overflow(tmp_path):
+    big = str(2**63)
+    seqs = sequences_of(tmp_path, ["5", "10", big], items=["1", "2", "3", "-9223372036854775809"])
+    assert seqs.user_ids.tolist() == ["10", "5", big]  # string order: the column is not numeric
+    assert seqs.item_ids.tolist() == ["-9223372036854775809", "1", "2", "3"]
+
+
+def test_int64_extremes_and_negative_ids_sort_as_numbers(tmp_path):
+    users = [str(2**63 - 1), "-9223372036854775808", "-3", "0", "10", "9"]
+    seqs = sequences_of(tmp_path, users)
+    assert seqs.user_ids.tolist() == ["-9223372036854775808", "-3", "0", "9", "10", str(2**63 - 1)]
+
+
+def test_leading_zeros_name_the_same_number(tmp_path):
+    """The documented rule: in an all-decimal column "007", "7" (and "-0", "0") are one id."""
+    seqs = sequences_of(tmp_path, ["007", "7", "8", "-0", "0"])
+    assert seqs.user_ids.tolist() == ["0", "7", "8"] and seqs.lengths.tolist() == [8, 8, 4]
 
 
 # ------------------------------------------------------------------ convert_ml1m.py

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import small_config
+from seqrec import checkpoint as ckpt
 from seqrec.cli import console, run
 from seqrec.data import SequenceTensors, build_sequences, read_interactions
 from seqrec.serve import Recommender
@@ -84,3 +85,106 @@ def test_recommend_cli(trained, data_file, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["1", "2"] and all(len(line.split()) == 4 for line in lines)
     assert console(["recommend", "--checkpoint", str(trained), "--user", "nobody"]) == 2
+
+
+# ------------------------------------------------------------------ bad requests and hand-made checkpoints
+
+
+def test_times_rows_must_pair_every_item(trained):
+    """A short times row silently dropped the newest items (warning of "unknown item ids");
+    a long one was ignored, a missing one an IndexError."""
+    rec = Recommender.from_checkpoint(str(trained))
+    history = rec.item_ids[:4]
+    with pytest.raises(ValueError, match="times row 0 has 3 timestamps for the 4 items of history 0"):
+        rec.recommend([history], k=3, times=[[1, 2, 3]])
+    with pytest.raises(ValueError, match="times row 1 has 5 timestamps for the 4 items of history 1"):
+        rec.recommend([history, history], k=3, times=[[1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    with pytest.raises(ValueError, match="times has 1 rows for 2 histories"):
+        rec.recommend([history, history], k=3, times=[[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        rec.recommend([history], k=0, times=[[1, 2, 3, 4]])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-k", "-3"], "-k must be at least 1, got -3"),
+    (["--item_chunk", "0"], "--item_chunk must be at least 1, got 0"),
+    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_recommend_cli_refuses_bad_flags(trained, capsys, flags, message):
+    assert console(["recommend", "--checkpoint", str(trained), "--user", "1", *flags]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_recommend_cli_needs_timestamps_for_tisasrec(trained, tmp_path, capsys):
+    untimed = tmp_path / "untimed.txt"
+    untimed.write_text("".join(f"1 {i}\n" for i in range(1, 6)))
+    assert console(["recommend", "--checkpoint", str(trained), "--data_path", str(untimed), "--user", "1"]) == 2
+    assert f"{untimed}: this TiSASRec model needs timestamps" in one_line_error(capsys)
+
+
+def drop_model_config(state):
+    del state["config"]["model"]
+
+
+def drop_config(state):
+    del state["config"]
+
+
+def widen(state):
+    state["config"]["model"]["hidden_units"] = 32
+
+
+def bad_heads(state):
+    state["config"]["model"]["num_heads"] = 3
+
+
+def short_item_ids(state):
+    state["item_ids"] = state["item_ids"][:30]
+
+
+def drop_weights(state):
+    del state["model"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (drop_model_config, "checkpoint has no model config (config.model)"),
+    (drop_config, "checkpoint has no model config (config.model)"),
+    (widen, "weights do not fit its model config and its 40 item ids (size mismatch for item_emb.weight"),
+    (bad_heads, "config: hidden_units (16) must be divisible by num_heads (3)"),
+    (short_item_ids, "weights do not fit its model config and its 30 item ids (size mismatch for item_emb.weight"),
+    (drop_weights, "checkpoint has no model weights"),
+])
+def test_hand_made_checkpoints_are_one_line_errors(trained, data_file, tmp_path, capsys, damage, message):
+    """from_checkpoint, `seqrec recommend` and `seqrec evaluate` (cli.run_inference) refuse a checkpoint
+    with a missing config key, weights that do not match its config or a short item-id list, naming
+    it; they were KeyError and RuntimeError tracebacks."""
+    state = ckpt.load(trained)
+    damage(state)
+    bad = tmp_path / "hand-made.pt"
+    ckpt.save(state, bad)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        Recommender.from_checkpoint(str(bad))
+    assert str(err.value).startswith(f"{bad}: ") and message in str(err.value) and "\n" not in str(err.value)
+    assert console(["recommend", "--checkpoint", str(bad), "--user", "1"]) == 2
+    assert message in one_line_error(capsys)
+    if damage is not short_item_ids:  # evaluation builds the model for the data's items, not the id list's
+        assert console(["evaluate", "--state_dict_path", str(bad), "--data_path", str(data_file),
+                        "--device", "cpu", "--eval_negatives", "20"]) == 1
+        on_data = f"the 40 items of {data_file}; was it trained on other data?"
+        assert message.replace("its 40 item ids", on_data) in one_line_error(capsys)
+
+
+def test_evaluate_on_other_data_names_the_data(trained, tmp_path, capsys):
+    from conftest import write_interactions
+    other = write_interactions(tmp_path / "other.txt", num_items=30)
+    assert console(["evaluate", "--state_dict_path", str(trained), "--data_path", str(other), "--device", "cpu",
+                    "--eval_negatives", "20"]) == 1
+    assert f"the 30 items of {other}; was it trained on other data? (size mismatch" in one_line_error(capsys)

@@ -133,6 +133,10 @@ def _read_bytes(path: str) -> bytes:
 
 def _decode(data: bytes, path: str) -> str:
     """Reject binary input early, where the message can still say what the file is."""
+    wide = _wide_encoding(data)
+    if wide:
+        what, source = wide
+        raise _error(path, f"not UTF-8 text: the file is {what}; convert it: iconv -f {source} -t UTF-8")
     nul = data.find(b"\x00")
     if nul >= 0:
         raise _error(path, "not a text file (binary data: NUL byte)", _line_of(data, nul))
@@ -146,6 +150,30 @@ def _decode(data: bytes, path: str) -> str:
     if not text or text.isspace():
         raise _error(path, "empty file (no interactions)")
     return text
+
+
+# Longest byte-order marks first: UTF-32LE's starts with UTF-16LE's.
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32LE"), (codecs.BOM_UTF32_BE, "UTF-32BE"),
+              (codecs.BOM_UTF16_LE, "UTF-16LE"), (codecs.BOM_UTF16_BE, "UTF-16BE"))
+
+
+def _wide_encoding(data: bytes) -> tuple[str, str] | None:
+    """(what, iconv's source encoding) for a file in UTF-16 or UTF-32, which Windows tools
+    write by default and which would otherwise be reported as binary: found by its byte-order
+    mark, or without one by ASCII text's signature in UTF-16 -- a NUL at every second byte
+    and nowhere else (then iconv must be told the byte order; with a mark it reads it)."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            return f"{name} (byte-order mark)", name[:-2]
+    head = data[:4096]
+    even, odd = head[0:len(head) - len(head) % 2:2], head[1::2]
+    if len(odd) < 2:
+        return None
+    if even.count(0) == 0 and odd.count(0) == len(odd):
+        return "UTF-16LE (NUL at every second byte)", "UTF-16LE"
+    if odd.count(0) == 0 and even.count(0) == len(even):
+        return "UTF-16BE (NUL at every second byte)", "UTF-16BE"
+    return None
 
 
 def _line_of(data: bytes, offset: int) -> int:
