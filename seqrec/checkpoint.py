@@ -7,6 +7,7 @@ as a dict, RNG states as tensors), which is what the safe unpickler accepts.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -33,13 +34,19 @@ def _write_atomic(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file
+            err.filename = str(path)
         raise
 
 
 def save(state: dict, path: str | Path) -> None:
-    _write_atomic(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
+    """Serialised in memory first: torch.save reports a failed write (disk full) as a RuntimeError
+    without the errno, while the plain write of the bytes raises the OSError that names it."""
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    _write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
