@@ -179,15 +179,15 @@ def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True) -> dict:
         callbacks = [*tracking.from_config(cfg, run_dir), *callbacks]  # trackers first: they see every row
         lock, started = RunLock(run_dir), False
         try:
-            state = claim_run(cfg, run_dir, lock if dist.is_main() else None)
+            state = claim_run(cfg, run_dir, lock)
             data, item_ids = load_data(cfg, device)
             trainer = Trainer(cfg, data, device, run_dir, item_ids, callbacks)
             if state is not None:
-                trainer.check_resumable(state)
+                trainer.resume(state)
             prepare_run_dir(cfg, run_dir, fresh=state is None)
             started = True
             if state is not None:
-                trainer.resume(state)
+                trainer.truncate_metrics()
             results = trainer.fit(test)
         finally:
             lock.release(started)

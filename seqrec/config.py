@@ -186,7 +186,7 @@ _INT64 = 2**63
 DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")  # the devices the trainer and `seqrec recommend` run on
 
 
-def _coerce(name: str, value: Any, typ: Any, where: str) -> Any:
+def coerce(name: str, value: Any, typ: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or fail with one line."""
     base = typing.get_args(typ)[0] if typing.get_origin(typ) is types.UnionType else typ  # X | None -> X
     if value is None:
@@ -261,7 +261,7 @@ def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
 
 def set_leaf(cfg: Config, name: str, value: Any, where: str = "config") -> None:
     section, _, typ = LEAVES[name]
-    setattr(getattr(cfg, section), name, _coerce(name, value, typ, where))
+    setattr(getattr(cfg, section), name, coerce(name, value, typ, where))
 
 
 def load_yaml(path: str | Path | importlib.resources.abc.Traversable) -> dict:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .config import EvalConfig
+from .config import EvalConfig, metric_names
 from .data.tensors import EvalSplit
 from .metrics import metric_sums, pessimistic_rank
 
@@ -141,12 +141,7 @@ def evaluate(model: nn.Module, split: EvalSplit, cfg: EvalConfig, num_items: int
 
 def _metric_names(cfg: EvalConfig, protocols: tuple[str, ...]) -> list[str]:
     """A fixed order, so every rank (even one with an empty shard) reduces the same vector."""
-    names = []
-    if "sampled" in protocols:
-        names += ["sampled/HR@10", "sampled/NDCG@10"]
-    if "full" in protocols:
-        names += [f"full/{m}@{k}" for k in cfg.topk for m in ("Recall", "NDCG", "MRR")]
-    return sorted(names)
+    return sorted(name for name in metric_names(cfg) if name.partition("/")[0] in protocols)
 
 
 def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = (

@@ -242,7 +242,9 @@ class Trainer:
                                     f"{saved.get(name)}; the model cannot change shape on resume")
 
     def resume(self, state: dict) -> None:
-        """Continue from a checkpoint's state (loaded on the CPU by the main rank and broadcast)."""
+        """Continue from a checkpoint's state (loaded on the CPU by the main rank and broadcast),
+        refusing one this run cannot continue. Touches no file: once the run directory is
+        prepared, `truncate_metrics` drops the rows the resumed run will write again."""
         self.check_resumable(state)
         self.load_state_dict(state)
         saved_eval, current_eval = state["config"]["eval"], to_dict(self.cfg)["eval"]
@@ -252,7 +254,6 @@ class Trainer:
                 f"({self.best['metric']:.4f}, epoch {self.best['epoch']}) was measured otherwise and is reset; "
                 f"best.pt is replaced at the next validation")
             self.best.update(metric=-math.inf, evals_since=0)
-        self._truncate_metrics()
         log(f"resumed from {self.run_dir / ckpt.LATEST} at epoch {self.epoch} + "
             f"{self.step - self.epoch * self.steps_per_epoch} steps (step {self.step})")
 
@@ -280,7 +281,7 @@ class Trainer:
             for callback in self.callbacks:
                 getattr(callback, event)(self, row)
 
-    def _truncate_metrics(self) -> None:
+    def truncate_metrics(self) -> None:
         """Drop rows written after the checkpoint, which the resumed run will write again."""
         path = self.run_dir / "metrics.jsonl"
         if not dist.is_main() or not path.exists():

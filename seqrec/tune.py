@@ -47,7 +47,7 @@ from . import checkpoint as ckpt
 from . import tracking
 from .callbacks import Callback
 from .checkpoint import CheckpointError
-from .config import (LEAVES, SECTIONS, Config, ConfigError, _coerce, from_dict, parse_config, set_leaf,
+from .config import (LEAVES, SECTIONS, Config, ConfigError, coerce, from_dict, parse_config, set_leaf,
                      to_dict, validate)
 from .data import DataError
 from .preemption import Preempted
@@ -114,7 +114,7 @@ def load_space(path: str | Path) -> dict[str, Any]:
             for choice in spec:
                 if isinstance(choice, (list, dict)):
                     raise ConfigError(f"{where}: choices must be single values, got {choice!r}")
-                _coerce(name, choice, typ, where)
+                coerce(name, choice, typ, where)
             space[name] = CategoricalDistribution(spec)
         elif isinstance(spec, dict):
             unknown = set(spec) - {"low", "high", "log", "step"}
@@ -123,7 +123,7 @@ def load_space(path: str | Path) -> dict[str, Any]:
             if base not in (int, float):
                 raise ConfigError(f"{where}: a range needs a numeric option ({getattr(base, '__name__', base)} here)")
             bounds = {k: _number(spec[k], f"{where}.{k}") for k in ("low", "high", "step") if spec.get(k) is not None}
-            log = _coerce("log", spec.get("log", False), bool, f"{where}.log")
+            log = coerce("log", spec.get("log", False), bool, f"{where}.log")
             try:
                 if base is int:
                     if not all(float(v).is_integer() for v in bounds.values()):

@@ -68,6 +68,13 @@ def _deterministic_single_thread():
 SCALE_SENSITIVE = {"train__l2_emb": 1e-3}
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows without their timings: what an exact resume must reproduce."""
+    timing = ("seconds", "seq_per_s", "seq_per_s_rank")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def train_losses(run_dir: Path) -> list[float]:
     """The epoch losses a run logged (metrics.jsonl train rows)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -111,16 +111,23 @@ def train_into(run_dir, data_file, capsys) -> str:
     return err
 
 
-def test_read_only_run_dir(data_file, tmp_path, capsys):
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write into (skipped as root, whom chmod does not stop)."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as root: chmod does not stop this process from writing")
-        assert train_into(locked / "run", data_file, capsys) == f"error: cannot write {locked / 'run'}: Permission denied\n"
+        yield locked
     finally:
         locked.chmod(0o755)
+
+
+def test_read_only_run_dir(data_file, read_only_dir, capsys):
+    assert train_into(read_only_dir / "run", data_file, capsys) == \
+        f"error: cannot write {read_only_dir / 'run'}: Permission denied\n"
 
 
 def test_run_dir_below_a_file(data_file, tmp_path, capsys):
@@ -170,17 +177,9 @@ def test_export_to_a_directory(checkpoint, tmp_path, capsys):
     assert export_error(checkpoint, tmp_path, capsys) == f"error: cannot write {tmp_path}: Is a directory\n"
 
 
-def test_export_into_a_read_only_directory(checkpoint, tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as root: chmod does not stop this process from writing")
-        out = locked / "m.pt"
-        assert export_error(checkpoint, out, capsys) == f"error: cannot write {out}: Permission denied\n"
-    finally:
-        locked.chmod(0o755)
+def test_export_into_a_read_only_directory(checkpoint, read_only_dir, capsys):
+    out = read_only_dir / "m.pt"
+    assert export_error(checkpoint, out, capsys) == f"error: cannot write {out}: Permission denied\n"
 
 
 def test_eval_negatives_beyond_the_catalogue(data_file, tmp_path, capsys):

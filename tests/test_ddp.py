@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import SCALE_SENSITIVE, assert_close_parameters, small_config, train_losses, write_interactions
+from conftest import SCALE_SENSITIVE, assert_close_parameters, metric_rows, small_config, train_losses, write_interactions
 from seqrec import checkpoint as ckpt
 from seqrec.cli import run
 from seqrec.distributed import become_local_rank, free_port
@@ -109,12 +109,6 @@ def test_rank_death_restarts_and_matches_uninterrupted(data_file, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # every rank's loss shares of the unfinished epoch came back: the logged rows are the same
     assert metric_rows(tmp_path / "faulty") == metric_rows(tmp_path / "clean")
-
-
-def metric_rows(run_dir):
-    timing = ("seconds", "seq_per_s", "seq_per_s_rank")
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_launcher_and_environment_check_run_end_to_end(tmp_path):

@@ -3,7 +3,6 @@ a time per directory, resumes that would change the data order are refused, and 
 stops training with a checkpoint from which the run continues exactly."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, small_config
+from conftest import REPO, metric_rows, small_config
 from seqrec import checkpoint as ckpt
 from seqrec.cli import run
 from seqrec.config import ConfigError
@@ -22,16 +21,8 @@ from seqrec.preemption import Preempted
 from seqrec.runlock import RunLock
 from seqrec.trainer import Trainer, TrainingError
 
-TIMING = ("seconds", "seq_per_s", "seq_per_s_rank")
-
-
 def snapshot(run_dir):
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
-
-
-def metric_rows(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_refused_overwrite_and_resume_leave_the_old_run_untouched(data_file, tmp_path):

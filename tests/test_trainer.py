@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import SCALE_SENSITIVE, assert_close_parameters, small_config, train_losses
+from conftest import SCALE_SENSITIVE, assert_close_parameters, metric_rows, small_config, train_losses
 from seqrec import checkpoint as ckpt
 from seqrec import provenance
 from seqrec.cli import run
@@ -29,10 +29,8 @@ def test_resume_equals_uninterrupted(data_file, tmp_path, kw):
     run(small_config(data_file, tmp_path / "split", train__num_epochs=4, train__eval_every=2, train__resume=True, **kw))
     a, b = params(tmp_path / "straight" / "latest.pt"), params(tmp_path / "split" / "latest.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "seq_per_s", "seq_per_s_rank")}  # noqa: E731
-                        for r in rs if r["type"] != "test"]
-    assert strip(rows("straight")) == strip(rows("split"))  # no duplicated or missing rows after resume
+    trained = lambda d: [r for r in metric_rows(tmp_path / d) if r["type"] != "test"]  # noqa: E731
+    assert trained("straight") == trained("split")  # no duplicated or missing rows after resume
 
 
 def test_resume_after_a_crash_mid_epoch(data_file, tmp_path, monkeypatch):
