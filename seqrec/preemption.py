@@ -1,11 +1,11 @@
 """SIGTERM and SIGINT during training: finish the step, write latest.pt, exit with 128 + signal.
 
 SLURM preemption and torchrun's shutdown send SIGTERM, then SIGKILL after a grace period
-(SLURM's KillWait, 30 s by default; torchrun's a few seconds up to a minute). Inside a
-training step the signal only raises a flag, so the step ends and its checkpoint is whole;
-elsewhere (evaluation, data loading, a save in progress) it raises at once, and the last
-checkpoint written is what the run resumes from: waiting for a long full-ranking
-evaluation would outlast the grace period. A second signal always raises at once.
+(SLURM's KillWait, 30 s by default; torchrun's a few seconds up to a minute). While the
+model trains (its steps, the epoch's bookkeeping, a checkpoint being written) the signal only
+raises a flag, so the step or the write ends and the checkpoint is whole; during evaluation
+it raises at once, and the last checkpoint written is what the run resumes from: waiting for
+a long full-ranking evaluation would outlast the grace period. A second signal always raises at once.
 """
 from __future__ import annotations
 

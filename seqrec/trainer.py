@@ -399,6 +399,12 @@ class Trainer:
                                 f"stopping. Lower --lr or check the data; the last good checkpoint is kept")
         return loss
 
+    @property
+    def stopping(self) -> bool:
+        """Whether to stop now: alone, at the first step boundary after a signal; under torchrun,
+        at the log boundary where the ranks agreed (see `read_counters`)."""
+        return self.stops.requested and not dist.active() or self.stop_agreed
+
     def preempt(self) -> None:
         """Checkpoint the steps taken so far and stop (a signal asked for it)."""
         self.save(ckpt.LATEST)
@@ -477,23 +483,22 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False,
                    disable=None if dist.is_main() else True)
         for i in range(first, self.steps_per_epoch):
-            with self.stops.deferred():  # a signal here ends the step first (see `preempt`)
-                users = order[i * t.batch_size:(i + 1) * t.batch_size]
-                self.train_step(users, epoch)
-                samples += len(self.rank_rows(users))
-                if (i + 1) % t.log_every == 0 and i + 1 < self.steps_per_epoch:
-                    loss = self.read_counters() / (i + 1)  # this rank's shares: rank 0's view of the loss
-                    self._write_metrics({"type": "step", "epoch": epoch, "step": self.step, "loss": loss,
-                                         "lr": self.scheduler.get_last_lr()[0]}, "on_step_logged")
-                    bar.set_postfix(loss=f"{loss:.4f}",
-                                    seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
-                bar.update(1)
-                if self.stops.requested and not dist.active() or self.stop_agreed:
-                    bar.close()
-                    self.preempt()
+            users = order[i * t.batch_size:(i + 1) * t.batch_size]
+            self.train_step(users, epoch)
+            samples += len(self.rank_rows(users))
+            if (i + 1) % t.log_every == 0 and i + 1 < self.steps_per_epoch:
+                loss = self.read_counters() / (i + 1)  # this rank's shares: rank 0's view of the loss
+                self._write_metrics({"type": "step", "epoch": epoch, "step": self.step, "loss": loss,
+                                     "lr": self.scheduler.get_last_lr()[0]}, "on_step_logged")
+                bar.set_postfix(loss=f"{loss:.4f}",
+                                seq_s=f"{(i + 1 - first) * t.batch_size / (time.perf_counter() - start):.0f}")
+            bar.update(1)
+            if self.stopping:
+                bar.close()
+                self.preempt()
         bar.close()
         loss = self.read_counters(final=True)
-        if self.stop_agreed:
+        if self.stopping:
             self.preempt()
         seconds = meter.elapsed()
         self.epoch_loss.zero_()
@@ -538,17 +543,21 @@ class Trainer:
         t = self.cfg.train
         stop = False
         while self.epoch < t.num_epochs and not stop:
-            row = self.train_epoch(self.epoch + 1)
-            self.epoch += 1
-            self.train_seconds += row["seconds"]
-            self._write_metrics(row, "on_step_logged")
+            with self.stops.deferred():  # a signal in training ends the step it arrives in (see `preempt`)
+                row = self.train_epoch(self.epoch + 1)
+                self.epoch += 1
+                self.train_seconds += row["seconds"]
+                self._write_metrics(row, "on_step_logged")
             if self.epoch % t.eval_every == 0 or self.epoch == t.num_epochs:
                 metrics = self.validate()
                 self._write_metrics({"type": "valid", "epoch": self.epoch, **metrics}, "on_validation")
                 log(f"epoch {self.epoch:4d}  loss {row['loss']:.4f}  {row['seconds']:.1f}s  {describe(row)}  "
                     f"valid {format_metrics(metrics)}")
                 stop = self._track_best(metrics)
-            self.save(ckpt.LATEST)
+            with self.stops.deferred():
+                self.save(ckpt.LATEST)
+            if self.stopping:
+                self.preempt()
         if stop:
             log(f"early stop: no validation improvement in {t.early_stop_patience} evaluations")
         return self.test(splits=("valid", "test") if test else ("valid",))

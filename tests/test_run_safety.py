@@ -96,25 +96,27 @@ def test_resume_accepts_regrouping_and_resets_a_best_score_measured_otherwise(da
     assert ckpt.load(tmp_path / "r" / "best.pt")["epoch"] == 2  # chosen anew on the new metric
 
 
-def test_a_signal_mid_epoch_saves_and_the_resumed_run_is_the_uninterrupted_one(data_file, tmp_path, monkeypatch):
-    """SIGTERM inside step 6 (epoch 2 of 4-step epochs): the step ends, latest.pt is written at
-    step 6 with the epoch's partial loss, and the resumed run logs the same rows and ends with
-    the same weights; a torn last metrics row (a write cut short) is skipped."""
+@pytest.mark.parametrize("method, at, step", [("train_step", 5, 6), ("save", 4, 4)])
+def test_a_signal_in_training_saves_and_the_resumed_run_is_the_uninterrupted_one(data_file, tmp_path, monkeypatch,
+                                                                                 method, at, step):
+    """SIGTERM inside step 6 (epoch 2 of 4-step epochs), or inside the checkpoint write that
+    ends epoch 1: what it interrupts ends first, latest.pt is written at that step (with the
+    epoch's partial loss), and the resumed run logs the same rows and ends with the same
+    weights; a torn last metrics row (a write cut short) is skipped."""
     kw = dict(train__num_epochs=3, train__length_buckets=1)
     run(small_config(data_file, tmp_path / "straight", **kw))
-    original = Trainer.train_step
+    original = getattr(Trainer, method)
 
-    def signalled(self, users, epoch):
-        out = original(self, users, epoch)
-        if self.step == 6:
+    def signalled(self, *args):
+        if self.step == at and self.stops.signum is None and args[-1] != ckpt.BEST:
             os.kill(os.getpid(), signal.SIGTERM)
-        return out
+        return original(self, *args)
 
-    monkeypatch.setattr(Trainer, "train_step", signalled)
-    with pytest.raises(Preempted, match="SIGTERM: stopped at step 6"):
+    monkeypatch.setattr(Trainer, method, signalled)
+    with pytest.raises(Preempted, match=f"SIGTERM: stopped at step {step}"):
         run(small_config(data_file, tmp_path / "split", **kw))
-    monkeypatch.setattr(Trainer, "train_step", original)
-    assert ckpt.load(tmp_path / "split" / "latest.pt")["step"] == 6
+    monkeypatch.setattr(Trainer, method, original)
+    assert ckpt.load(tmp_path / "split" / "latest.pt")["step"] == step
     assert not list((tmp_path / "split").glob(".*.tmp"))
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write('{"type": "train", "epo')
