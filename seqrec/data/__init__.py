@@ -1,10 +1,11 @@
-"""Data: read interaction files, build chronological sequences, split, batch and sample."""
+"""Data: read interaction files (or take DataFrames and arrays), build chronological sequences, split, batch and sample."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..config import DataConfig
 from . import demo
+from .frames import interactions_from
 from .readers import DataError, Interactions, read_interactions
 from .sequences import Sequences, build_sequences
 from .tensors import EvalSplit, SequenceTensors
@@ -43,4 +44,4 @@ def load_sequences(cfg: DataConfig) -> Sequences:
 
 
 __all__ = ["DataError", "EvalSplit", "Interactions", "Sequences", "SequenceTensors", "build_sequences",
-           "load_sequences", "read_interactions", "resolve_path"]
+           "interactions_from", "load_sequences", "read_interactions", "resolve_path"]

@@ -6,7 +6,9 @@ Supported layouts are recognised from the content, because the same names
 * MovieLens-1M `ratings.dat`: ``UserID::MovieID::Rating::Timestamp``;
 * whitespace text: ``user item``, ``user item timestamp`` or, as in
   MovieLens-100K `u.data`, ``user item rating timestamp``;
-* CSV with a header row naming the user, item and (optional) time columns.
+* CSV with a header row naming the user, item and (optional) time columns;
+* parquet (``.parquet``, ``.pq``), binary and so recognised by name: its columns are found
+  as a CSV header's and converted by frames.py, which needs pyarrow (the ``frames`` extra).
 
 Ids stay strings: datasets use ids such as ``B00ABC`` and re-indexing belongs to
 the caller, who also decides what "same user" means across files.
@@ -63,6 +65,8 @@ _ASCII_BLANKS = (9, 10, 11, 12, 13, 28, 29, 30, 31, 32)
 # csv module: quotes, and blanks inside a line (which could hide an empty field).
 _CSV_UNSAFE = tuple(bytes([byte]) for byte in (ord('"'),) + _ASCII_BLANKS if byte != ord("\n"))
 
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
 _INT64_LIMIT = 2**63
 _FLOAT_EXACT = 2**53  # beyond this, float64 would silently round integer timestamps
 
@@ -92,9 +96,13 @@ def read_interactions(
 ) -> Interactions:
     """Read an interaction file; raise DataError with a one-line message on bad data.
 
-    user_col/item_col/time_col name CSV columns when the usual names do not fit.
+    user_col/item_col/time_col name CSV or parquet columns when the usual names do not fit.
     """
     path = os.fspath(path)
+    if path.lower().endswith(_PARQUET_SUFFIXES):
+        from .frames import read_parquet  # imported here: frames builds on this module
+
+        return read_parquet(path, user_col=user_col, item_col=item_col, time_col=time_col)
     data = _read_bytes(path)
     layout = _detect_layout(_decode(data, path), path, user_col, item_col, time_col)
     # The text is decoded again only for the reference parser, so that the fast one does
@@ -201,7 +209,7 @@ def _detect_layout(
     if "::" not in line and "," in line:
         return _csv_layout(line, lineno, path, user_col, item_col, time_col)
     if any(col is not None for col in (user_col, item_col, time_col)):
-        raise _error(path, "user_col/item_col/time_col apply only to CSV files with a header row")
+        raise _error(path, "user_col/item_col/time_col apply only to CSV files with a header row and parquet files")
     if "::" in line:
         return _Layout("::", ("UserID", "MovieID", "Rating", "Timestamp"), 0, 1, 3, 0)
     width = len(line.split())
@@ -216,7 +224,20 @@ def _csv_layout(
     line: str, lineno: int, path: str, user_col: str | None, item_col: str | None, time_col: str | None
 ) -> _Layout:
     header = [name.strip() for name in next(csv.reader([line]))]
-    lowered = [name.lower() for name in header]
+    user, item, time = find_columns(header, user_col, item_col, time_col, f"{path}:{lineno}", "CSV header")
+    return _Layout(",", tuple(header), user, item, time, lineno)
+
+
+def find_columns(
+    names: list, user_col: str | None, item_col: str | None, time_col: str | None, where: str, listing: str
+) -> tuple[int, int, int | None]:
+    """Positions of the user, item and (optional) time columns among `names`: the override
+    where one is given, else the first usual name present, compared case-insensitively.
+
+    Shared by the CSV header and the in-memory tables of frames.py, so that one frame and its
+    CSV export find the same columns and fail with the same message: "{where}: no ... column
+    (looked for ...) in {listing} [names]"."""
+    lowered = [str(name).lower() for name in names]
 
     def find(what: str, override: str | None, usual: tuple[str, ...], required: bool) -> int | None:
         wanted = (override,) if override is not None else usual
@@ -224,13 +245,13 @@ def _csv_layout(
             if name.lower() in lowered:
                 return lowered.index(name.lower())
         if required or override is not None:
-            raise _error(path, f"no {what} column (looked for {', '.join(wanted)}) in CSV header {header}", lineno)
+            raise DataError(f"{where}: no {what} column (looked for {', '.join(wanted)}) in {listing} {names}")
         return None
 
     user = find("user", user_col, _USER_NAMES, True)
     item = find("item", item_col, _ITEM_NAMES, True)
     time = find("time", time_col, _TIME_NAMES, False)
-    return _Layout(",", tuple(header), user, item, time, lineno)
+    return user, item, time
 
 
 # ---------------------------------------------------------------- reference parser
