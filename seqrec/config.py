@@ -2,8 +2,12 @@
 
 Every field carries a one-line help text, which is also the command-line help, so
 the flag table in the README, ``--help`` and the YAML keys cannot drift apart.
-Values are resolved in one order: dataclass defaults < preset (the demo preset
-when no dataset is given) < ``--config FILE.yaml`` < command-line flags.
+Values are resolved in one order: dataclass defaults < ``--preset NAME`` (a packaged
+recipe, seqrec/presets/NAME.yaml) < the demo preset (only when no data is given) <
+``--config FILE.yaml`` < command-line flags. The demo sits above the named preset so that
+``seqrec train --preset esasrec`` without data is the demo's quick run of that recipe: the
+demo sets only the data, the run directory and the run's size, a recipe only the model and
+its training.
 Flag names are the seed's flat names (``--hidden_units``); the tree only groups
 them, so every leaf name is unique across sections.
 """
@@ -27,7 +31,9 @@ TIME_UNITS = ("second", "minute", "hour", "day", "personal")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 LOSSES = ("bce", "gbce", "sampled_softmax", "ce")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-DEMO_PRESET = importlib.resources.files("seqrec") / "presets" / "demo.yaml"  # package data (launch/configs/ mirrors it)
+BLOCKS = ("post", "pre", "ligr")
+PRESETS = importlib.resources.files("seqrec") / "presets"  # package data: the named recipes and the demo
+DEMO_PRESET = PRESETS / "demo.yaml"  # launch/configs/ mirrors it
 
 
 class ConfigError(ValueError):
@@ -62,7 +68,11 @@ class ModelConfig:
     dropout_rate: float = opt(0.2, "dropout on embeddings and sub-layer outputs")
     attention_dropout: float = opt(0.0, "dropout on attention weights as in the reference ports "
                                         "(0 keeps PyTorch's fused CPU attention kernel, ~5x faster)")
-    norm_first: bool = opt(False, "pre-LayerNorm blocks (default: post-LN as in the SASRec port)")
+    block: str = opt("post", f"transformer block: {'|'.join(BLOCKS)} (post: LayerNorm after each residual sum, as the "
+                             "SASRec port; pre: before each sub-layer; ligr: pre-LN, a learned sigmoid gate on each "
+                             "sub-layer's output and a SwiGLU FFN, eSASRec's LiGR layer)")
+    ffn_mult: int = opt(1, "feed-forward hidden width = ffn_mult x hidden_units (1 = the SASRec port's d -> d; "
+                           "eSASRec's LiGR uses 4)")
     time: bool = opt(True, "TiSASRec time-interval-aware attention (--no_time = SASRec)")
     time_span: int = opt(100, "largest time interval bucket (intervals are clipped to it)")
     time_unit: str = opt("hour", f"interval unit: {'|'.join(TIME_UNITS)}")
@@ -167,15 +177,26 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
+# Names read for the seed's flags and for configs and checkpoints written before the leaf they
+# now set: alias -> (leaf, {alias value: leaf value}). Read, never stored: to_dict has only the leaf,
+# and a mapping (or command line) that gives both is refused.
+ALIASES = {"norm_first": ("block", {True: "pre", False: "post"})}
+
 
 def _leaves() -> dict[str, tuple[str, dataclasses.Field, Any]]:
-    """Map each leaf name to (section, field, resolved type)."""
+    """Map each leaf name to (section, field, resolved type); an alias follows its leaf, typed bool."""
     out = {}
     for section in dataclasses.fields(Config):
         cls = section.default_factory
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             out[f.name] = (section.name, f, hints[f.name])
+            for alias, (leaf, values) in ALIASES.items():
+                if leaf == f.name:
+                    meaning = ", ".join(f"--{'' if value else 'no_'}{alias} = --{leaf} {target}"
+                                        for value, target in values.items())
+                    help_text = f"alias: {meaning} (the seed's flag, and the key older configs and checkpoints hold)"
+                    out[alias] = (section.name, field(default=False, metadata={"help": help_text}), bool)
     return out
 
 
@@ -245,6 +266,8 @@ def _quote(value: Any) -> str:
 
 def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
     """Set fields from a flat or sectioned mapping; unknown keys are errors."""
+    check_aliases([k for k in mapping if k not in SECTIONS]
+                  + [k for s in SECTIONS if isinstance(mapping.get(s), dict) for k in mapping[s]], where)
     for key, value in mapping.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
@@ -261,7 +284,34 @@ def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
 
 def set_leaf(cfg: Config, name: str, value: Any, where: str = "config") -> None:
     section, _, typ = LEAVES[name]
-    setattr(getattr(cfg, section), name, coerce(name, value, typ, where))
+    value = coerce(name, value, typ, where)
+    if name in ALIASES:
+        name, value = ALIASES[name][0], ALIASES[name][1][value]
+    setattr(getattr(cfg, section), name, value)
+
+
+def check_aliases(names: Any, where: str) -> None:
+    """One source of settings (a mapping, the flags) may give a leaf or its alias, not both."""
+    for alias, (leaf, _) in ALIASES.items():
+        if alias in names and leaf in names:
+            raise ConfigError(f"{where}: '{alias}' is an alias of '{leaf}'; give one of them")
+
+
+def preset_names() -> list[str]:
+    """The named recipes shipped in seqrec/presets/: every NAME.yaml but the demo's."""
+    return sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir()
+                  if p.name.endswith(".yaml") and p.name != DEMO_PRESET.name)
+
+
+def apply_preset(cfg: Config, name: str) -> Config:
+    """Set the values of the packaged recipe `name` on cfg (for ``--preset`` and the Python API's
+    ``preset=``) and return cfg. A recipe sets the model and its training, never the data or the
+    run directory, so apply it first and the caller's own values after."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {_quote(name)}; available: {', '.join(names)}")
+    apply_mapping(cfg, load_yaml(PRESETS / f"{name}.yaml"), f"preset {name}")
+    return cfg
 
 
 def load_yaml(path: str | Path | importlib.resources.abc.Traversable) -> dict:
@@ -302,7 +352,7 @@ def validate(cfg: Config) -> Config:
     """Reject values that would fail later, deep inside training, with a worse message."""
     m, t, e = cfg.model, cfg.train, cfg.eval
     positive = {
-        "maxlen": m.maxlen, "hidden_units": m.hidden_units, "num_blocks": m.num_blocks,
+        "maxlen": m.maxlen, "hidden_units": m.hidden_units, "num_blocks": m.num_blocks, "ffn_mult": m.ffn_mult,
         "num_heads": m.num_heads, "time_span": m.time_span, "mhc_expansion_rate": m.mhc_expansion_rate,
         "mhc_sinkhorn_iter": m.mhc_sinkhorn_iter, "batch_size": t.batch_size,
         "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
@@ -343,8 +393,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mhc_expansion_rate must be in 1..8, got {m.mhc_expansion_rate}")
     if m.mhc_init_gate < 0:
         raise ConfigError(f"mhc_init_gate must be >= 0, got {m.mhc_init_gate}")
-    choices = {"time_unit": (m.time_unit, TIME_UNITS), "amp": (t.amp, AMP_MODES), "loss": (t.loss, LOSSES),
-               "compile_mode": (t.compile_mode, COMPILE_MODES)}
+    choices = {"block": (m.block, BLOCKS), "time_unit": (m.time_unit, TIME_UNITS), "amp": (t.amp, AMP_MODES),
+               "loss": (t.loss, LOSSES), "compile_mode": (t.compile_mode, COMPILE_MODES)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {_quote(value)}")
@@ -393,6 +443,8 @@ def build_parser(prog: str = "seqrec train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS,
                                      description="Train and evaluate SASRec / TiSASRec sequential recommenders.")
     parser.add_argument("--config", help="YAML file of config keys (flat or by section); flags override it")
+    parser.add_argument("--preset", metavar="NAME", help=f"packaged recipe to start from: {', '.join(preset_names())} "
+                                                         "(seqrec/presets/NAME.yaml; --config and flags override it)")
     for section in dataclasses.fields(Config):
         group = parser.add_argument_group(section.name)
         for name, (sec, f, typ) in LEAVES.items():
@@ -415,13 +467,17 @@ def build_parser(prog: str = "seqrec train") -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "seqrec train") -> Config:
-    """Resolve defaults < preset < YAML < flags, then validate."""
+    """Resolve defaults < --preset < the demo (no data given) < YAML < flags, then validate."""
     args = vars(build_parser(prog).parse_args(argv))
     args.pop("_local_rank", None)
+    preset = args.pop("preset", None)
     yaml_path = args.pop("config", None)
+    check_aliases(args.keys(), "flags")
     from_yaml = load_yaml(yaml_path) if yaml_path else {}
     cfg = Config()
-    if not _names_data(from_yaml) and not ({"dataset", "data_path"} & args.keys()):
+    if preset is not None:
+        apply_preset(cfg, preset)
+    if not names_data(from_yaml) and not ({"dataset", "data_path"} & args.keys()):
         apply_mapping(cfg, load_yaml(DEMO_PRESET), str(DEMO_PRESET))
     apply_mapping(cfg, from_yaml, str(yaml_path))
     for name, value in args.items():
@@ -429,7 +485,8 @@ def parse_config(argv: list[str] | None = None, prog: str = "seqrec train") -> C
     return validate(cfg)
 
 
-def _names_data(mapping: dict) -> bool:
+def names_data(mapping: dict) -> bool:
+    """Whether a config mapping (flat or by section) names the data: else the demo data is used."""
     flat = dict(mapping)
     flat.update(mapping.get("data", {}) if isinstance(mapping.get("data"), dict) else {})
     return bool(flat.get("dataset") or flat.get("data_path"))

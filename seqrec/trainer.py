@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import provenance
 from .callbacks import Callback
-from .config import Config, to_dict
+from .config import Config, from_dict, to_dict
 from .data.tensors import SequenceTensors
 from .evaluate import eval_batch_size, evaluate, format_metrics
 from .losses import build_loss
@@ -175,7 +175,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "best": dict(self.best), "train_seconds": self.train_seconds,
                 "epoch_loss": [r["epoch_loss"] for r in ranks], "rng": [r["rng"] for r in ranks],
-                "item_ids": self.item_ids}
+                "item_ids": self.item_ids, "data_digest": self.data.digest}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint loaded on the CPU; tensors move to the device as they are copied in."""
@@ -235,7 +235,12 @@ class Trainer:
         if changed:
             raise TrainingError(f"cannot resume: {', '.join(changed)} would change the data order or the "
                                 f"schedule of the saved run; resume with the saved values or start a new run")
-        saved = state["config"]["model"]
+        if state.get("data_digest", self.data.digest) != self.data.digest:
+            raise TrainingError("cannot resume: the interactions differ from the ones the checkpoint was trained on "
+                                "(same items, other users, order or times); resume with the same data")
+        # Read through the config schema: a checkpoint written before a field existed (or under
+        # an alias, norm_first for block) resolves to the values it was trained with.
+        saved = to_dict(from_dict({"model": state["config"]["model"]}))["model"]
         for name, value in current["model"].items():
             if name not in RESUMABLE_MODEL_CHANGES and saved.get(name) != value:
                 raise TrainingError(f"cannot resume: --{name} {value} differs from the checkpoint's "

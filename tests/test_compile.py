@@ -57,6 +57,7 @@ CASES = {
     "tisasrec": {"model__time": True},
     "sasrec+mhc": {"model__mhc": True},
     "tisasrec+mhc": {"model__time": True, "model__mhc": True},
+    "ligr": {"model__block": "ligr", "model__ffn_mult": 2},
     "gbce": {"train__loss": "gbce", "train__num_negatives": 8},
     "sampled_softmax+logq+shared": {"train__loss": "sampled_softmax", "train__num_negatives": 8,
                                     "train__logq": True, "train__shared_negatives": True},

@@ -10,7 +10,8 @@ def test_seed_defaults_with_a_dataset():
     assert (cfg.model.maxlen, cfg.model.hidden_units, cfg.model.num_blocks, cfg.model.num_heads) == (200, 50, 2, 2)
     assert (cfg.train.warmup_steps, cfg.train.num_epochs, cfg.model.dropout_rate) == (100, 1000, 0.2)
     assert (cfg.model.time_span, cfg.model.time_unit, cfg.model.mhc_expansion_rate) == (100, "hour", 4)
-    assert (cfg.model.mhc_sinkhorn_iter, cfg.model.mhc_init_gate, cfg.model.norm_first) == (20, 0.01, False)
+    assert (cfg.model.mhc_sinkhorn_iter, cfg.model.mhc_init_gate) == (20, 0.01)
+    assert (cfg.model.block, cfg.model.ffn_mult) == ("post", 1)
     assert cfg.model.time and cfg.model.mhc  # the seed's default model is TiSASRec + mHC
 
 
@@ -24,8 +25,32 @@ def test_yaml_then_cli_override_and_boolean_negation(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"dataset": "x", "model": {"norm_first": True, "hidden_units": 64}, "lr": 0.01}))
     cfg = parse_config(["--config", str(path), "--lr", "0.002"])
-    assert cfg.model.norm_first and cfg.model.hidden_units == 64 and cfg.train.lr == 0.002
-    assert not parse_config(["--config", str(path), "--no_norm_first"]).model.norm_first
+    assert cfg.model.block == "pre" and cfg.model.hidden_units == 64 and cfg.train.lr == 0.002
+    assert parse_config(["--config", str(path), "--no_norm_first"]).model.block == "post"
+    assert parse_config(["--config", str(path), "--block", "ligr"]).model.block == "ligr"
+
+
+def test_norm_first_is_an_alias_of_block_pre():
+    """The seed's flag, and the key old config.yaml files and checkpoints stored: read as block,
+    never written (an old run directory keeps loading; to_dict holds only block)."""
+    old_run = {"model": {"norm_first": True, "hidden_units": 16}, "train": {"lr": 0.01}}
+    cfg = from_dict(old_run)
+    assert cfg.model.block == "pre" and "norm_first" not in to_dict(cfg)["model"]
+    assert from_dict({"model": {"norm_first": False}}).model.block == "post"
+    assert from_dict({"norm_first": "true"}).model.block == "pre"  # flat, and YAML-ish text
+    assert parse_config(["--dataset", "x", "--norm_first"]).model.block == "pre"
+    assert parse_config(["--dataset", "x", "--no_norm_first"]).model.block == "post"
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("source", ["flags", "mapping"])
+def test_block_and_its_alias_together_are_refused(source):
+    with pytest.raises(ConfigError, match="'norm_first' is an alias of 'block'; give one of them") as err:
+        if source == "flags":
+            parse_config(["--dataset", "x", "--norm_first", "--block", "ligr"])
+        else:
+            from_dict({"model": {"block": "ligr", "norm_first": True}})
+    assert "\n" not in str(err.value)
 
 
 def test_seed_compat_flags():
@@ -43,6 +68,8 @@ def test_seed_compat_flags():
     (["--batch_size", "ten"], "'batch_size' expects int"),
     (["--dropout_rate", "1.5"], "dropout_rate"),
     (["--amp", "fp8"], "amp must be one of"),
+    (["--block", "gated"], "block must be one of post, pre, ligr; got 'gated'"),
+    (["--ffn_mult", "0"], "ffn_mult must be positive"),
     (["--inference_only"], "needs --state_dict_path"),
     (["--resume", "--overwrite"], "contradict"),
     (["--select_metric", "NDCG@10"], "select_metric"),

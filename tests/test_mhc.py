@@ -1,7 +1,8 @@
 """mHC residual: the Sinkhorn projection and its exact backward, coefficient ranges,
 equivalence to the plain residual at initialisation, gradients, the PyTorch path's op count
 (kernel launches on a GPU), torch.compile, bf16 autocast and learning, for both LayerNorm
-orders and expansion rates 1..8 (causality: tests/test_model.py)."""
+orders (and the LiGR gate where it enters the formula) and expansion rates 1..8 (causality:
+tests/test_model.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from seqrec.config import ModelConfig
 from seqrec.models import native as native_kernels
 from seqrec.models.mhc import HyperStream, MHCResidual, _Logits, _Update, composite_gain, copies, sinkhorn
-from seqrec.models.sasrec import FeedForward, Residual, SASRec
+from seqrec.models.blocks import FeedForward, Residual
+from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec
 from seqrec.tools.opcount import count_ops
 
@@ -46,9 +48,9 @@ def unrolled_sinkhorn(logits: torch.Tensor, iters: int, constant_step: int | Non
     return p
 
 
-def model_config(n: int = 4, norm_first: bool = False, **kw) -> ModelConfig:
+def model_config(n: int = 4, block: str = "post", **kw) -> ModelConfig:
     fields = dict(maxlen=12, hidden_units=16, num_heads=2, num_blocks=2, dropout_rate=0.0,
-                  norm_first=norm_first, time=False, mhc=True, mhc_expansion_rate=n)
+                  block=block, time=False, mhc=True, mhc_expansion_rate=n)
     return ModelConfig(**{**fields, **kw})
 
 
@@ -165,12 +167,19 @@ def test_sinkhorn_per_column_floor_gets_no_gradient():
 
 # ------------------------------------------------------------------ one block
 
-def block_pair(n: int, norm_first: bool, gate: float, native: bool = True) -> tuple[Residual, MHCResidual]:
-    """A plain residual block and an mHC block wrapping the very same sub-layer."""
+def block_pair(n: int, block: str, gate: float, native: bool = True) -> tuple[Residual, MHCResidual]:
+    """A plain residual block and an mHC block wrapping the very same sub-layer (and, for
+    ligr, the very same LiGR gate, drawn at random so that it varies by token and channel)."""
     torch.manual_seed(0)
     sublayer = FeedForward(16, 0.0)
-    cfg = model_config(n, norm_first, mhc_init_gate=gate, mhc_native=native)
-    return Residual(sublayer, 16, norm_first), MHCResidual(sublayer, cfg)
+    cfg = model_config(n, block, mhc_init_gate=gate, mhc_native=native)
+    plain, mhc = Residual(sublayer, 16, block), MHCResidual(sublayer, cfg)
+    if block == "ligr":
+        with torch.no_grad():
+            plain.gate.weight.normal_(0, 0.5)
+            plain.gate.bias.normal_()
+        mhc.gate = plain.gate
+    return plain, mhc
 
 
 def check_path(block: MHCResidual, x: torch.Tensor, native: bool) -> None:
@@ -181,15 +190,16 @@ def check_path(block: MHCResidual, x: torch.Tensor, native: bool) -> None:
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("order", ["post", "pre", "ligr"])
 @pytest.mark.parametrize("n", [2, 4])
-def test_block_equals_the_definition_token_by_token(n, norm_first, native):
+def test_block_equals_the_definition_token_by_token(n, order, native):
     """The block on distinct streams with random coefficient parameters equals the paper's
     formula evaluated one token at a time in float64: RMSNorm of the flattened streams,
     H̃ = α·(x⃗'φ) + b, H_pre = σ, H_post = 2σ, H_res = Sinkhorn (unrolled), then
-    H_res·x + H_postᵀ·F(H_pre·x), with the LayerNorm where each order puts it. Both the
-    compiled CPU kernel and the PyTorch path (what CUDA runs)."""
-    _, block = block_pair(n, norm_first, 0.01, native)
+    H_res·x + H_postᵀ·F(H_pre·x), with the LayerNorm where each order puts it, and for ligr
+    F's output times the gate σ(W_g·H_pre·x + b_g). Both the compiled CPU kernel and the
+    PyTorch path (what CUDA runs)."""
+    _, block = block_pair(n, order, 0.01, native)
     block = block.double()
     with torch.no_grad():
         block.alpha.copy_(torch.tensor([0.7, 1.3, 1.0]))
@@ -208,16 +218,18 @@ def test_block_equals_the_definition_token_by_token(n, norm_first, native):
                 h_pre, h_post = torch.sigmoid(logits[:n]), 2 * torch.sigmoid(logits[n:2 * n])
                 h_res = unrolled_sinkhorn(logits[2 * n:].view(n, n), block.iters)
                 branch = h_pre @ streams
-                f = block.sublayer(block.norm(branch) if norm_first else branch, {})
+                f = block.sublayer(branch if order == "post" else block.norm(branch), {})
+                if order == "ligr":
+                    f = torch.sigmoid(block.gate.weight @ branch + block.gate.bias) * f
                 expected = h_res @ streams + h_post[:, None] * f[None, :]
-                if not norm_first:
+                if order == "post":
                     expected = block.norm(expected)
                 torch.testing.assert_close(out[b, t], expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("n", RATES)
 def test_coefficient_ranges(n):
-    _, block = block_pair(n, False, 0.01)
+    _, block = block_pair(n, "post", 0.01)
     with torch.no_grad():
         block.alpha.fill_(2.0)  # logits of a few units: the maps, not the biases, bound the values
     x = torch.randn(4, 6, n, 16)
@@ -235,7 +247,7 @@ def test_block_backward_gradcheck(native):
     """The whole block in float64: the hand-written backwards (the compiled kernel's, or
     the RMS-normalised projection's and Sinkhorn's) together with everything autograd
     does around them."""
-    _, block = block_pair(3, True, 0.5, native)
+    _, block = block_pair(3, "pre", 0.5, native)
     block = block.double()
     x = torch.randn(2, 3, 3, 16, dtype=torch.float64, requires_grad=True)
     check_path(block, x, native)
@@ -280,8 +292,8 @@ class _Same(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_pytorch_path_op_count(norm_first):
+@pytest.mark.parametrize("order", ["post", "pre"])
+def test_pytorch_path_op_count(order):
     """One forward + backward of an mHC block on the PyTorch path (what a GPU runs; there each
     non-view aten op is an eager kernel launch, and this model is bound by launches), counted:
     121 ops at 20 Sinkhorn iterations (431 before the log-domain Sinkhorn and the fused
@@ -290,7 +302,7 @@ def test_pytorch_path_op_count(norm_first):
     counts = {}
     for widens in (False, True):
         for iters in (20, 5):
-            cfg = model_config(4, norm_first, mhc_native=False, mhc_sinkhorn_iter=iters)
+            cfg = model_config(4, order, mhc_native=False, mhc_sinkhorn_iter=iters)
             block = MHCResidual(_Same(), cfg, widens=widens)
             x = torch.randn(2, 12, 16) if widens else torch.randn(2, 12, 4, 16)
             x.requires_grad_()
@@ -324,7 +336,7 @@ def test_coefficients_and_sinkhorn_run_in_fp32_under_bf16_autocast():
     """On the PyTorch path under bf16 autocast, every op of the coefficients (norm,
     projection, gates) and of Sinkhorn, forward and backward, sees only fp32 tensors; the
     mixing product runs in bf16 (test_bf16_autocast_is_finite)."""
-    _, block = block_pair(4, False, 0.5, native=False)
+    _, block = block_pair(4, "post", 0.5, native=False)
     x = torch.randn(2, 12, 4, 16, requires_grad=True)
     watched = {"linalg_vector_norm", "rsqrt_", "mv", "sigmoid", "sigmoid_backward", "amax", "threshold",
                "_log_softmax", "_log_softmax_backward_data", "_softmax", "_softmax_backward_data"}
@@ -343,7 +355,7 @@ def test_pytorch_path_compiles_as_one_graph():
     break raises), forward and backward, with the same loss and gradients as eager. Backend
     aot_eager: Dynamo's trace and AOTAutograd's joint graph, without inductor's codegen."""
     torch.manual_seed(0)
-    cfg = model_config(4, False, mhc_native=False, mhc_init_gate=0.5, num_blocks=1, maxlen=6, hidden_units=8)
+    cfg = model_config(4, "post", mhc_native=False, mhc_init_gate=0.5, num_blocks=1, maxlen=6, hidden_units=8)
     model = SASRec(cfg, NUM_ITEMS)
     items = left_padded([6, 4], maxlen=6)
     weights = torch.randn(2, 6, 8)
@@ -366,19 +378,20 @@ def test_pytorch_path_compiles_as_one_graph():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("order", ["post", "pre", "ligr"])
 @pytest.mark.parametrize("n", RATES)
-def test_block_matches_plain_residual_at_init(n, norm_first):
+def test_block_matches_plain_residual_at_init(n, order):
     """Fed n identical copies (the stream the first block widens), every output stream
     equals the plain block's output: exactly (float rounding) with α = 0, which tests
     the bias derivation, and to first order in α = 0.01 at the default initialisation.
 
     n = 1 post-LN is off by 1e-3 even at α = 0: sigmoid cannot reach H_pre = 1, the bias
-    gives 0.999, which scales F's input (pre-LN's LayerNorm removes the scale).
+    gives 0.999, which scales F's input (pre-LN's LayerNorm removes the scale, but not from
+    the input of LiGR's gate).
     """
     x = torch.randn(3, 7, 16)
-    for gate, tol in ((0.0, 2e-3 if n == 1 and not norm_first else 1e-5), (0.01, 2e-2)):
-        plain, block = block_pair(n, norm_first, gate)
+    for gate, tol in ((0.0, 2e-3 if n == 1 and order != "pre" else 1e-5), (0.01, 2e-2)):
+        plain, block = block_pair(n, order, gate)
         expected = plain(x, {})
         out = block(copies(x, n), {})
         assert out.shape == (3, 7, n, 16)
@@ -388,22 +401,22 @@ def test_block_matches_plain_residual_at_init(n, norm_first):
 
 # ------------------------------------------------------------------ whole model
 
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("order", ["post", "pre", "ligr"])
 @pytest.mark.parametrize("n", RATES)
-def test_sasrec_matches_plain_at_init_for_every_rate(n, norm_first):
+def test_sasrec_matches_plain_at_init_for_every_rate(n, order):
     """Tolerance 2e-2 relative: the α = 0.01 perturbations enter to first order, through
     four blocks (measured ≤ 5e-3)."""
-    plain, mhc = plain_and_mhc(model_config(n, norm_first))
+    plain, mhc = plain_and_mhc(model_config(n, order))
     items = left_padded([12, 9, 5, 1])
     expected, out = plain({"items": items}), mhc({"items": items})
     assert out.shape == expected.shape == (4, 12, 16)
     assert (out - expected).norm() / expected.norm() < 2e-2
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_tisasrec_with_mhc_matches_plain_at_init(norm_first):
+@pytest.mark.parametrize("order", ["post", "pre", "ligr"])
+def test_tisasrec_with_mhc_matches_plain_at_init(order):
     """TiSASRec shares SASRec's stream strategy, so it gets the mHC residual unchanged."""
-    plain, mhc = plain_and_mhc(model_config(4, norm_first, time=True, time_span=6, time_unit="minute"), TiSASRec)
+    plain, mhc = plain_and_mhc(model_config(4, order, time=True, time_span=6, time_unit="minute"), TiSASRec)
     items = left_padded([12, 9, 5])
     times = (1_600_000_000 + torch.randint(0, 240, items.shape).cumsum(1)) * (items != 0)
     expected, out = plain({"items": items, "times": times}), mhc({"items": items, "times": times})
@@ -455,19 +468,19 @@ def test_only_the_first_sub_layer_widens_and_collapse_starts_as_the_mean():
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("order", ["post", "pre", "ligr"])
 @pytest.mark.parametrize("n", RATES)
-def test_widening_equals_the_block_on_n_copies(n, norm_first, native):
+def test_widening_equals_the_block_on_n_copies(n, order, native):
     """The first block's shortcut (`widen`: no Sinkhorn, no mixing, coefficients from one
     copy) against the full computation on the n copies, float64, random coefficient
     parameters: the same output and the same gradients of the input and every parameter.
     The full computation's H_res gradients are rounding noise (rows of every H_res sum to
     1, so H_res·copies does not depend on it); the shortcut's are exactly 0."""
-    _, full = block_pair(n, norm_first, 0.5, native)
+    _, full = block_pair(n, order, 0.5, native)
     full = full.double()
     with torch.no_grad():
         full.static.normal_()
-    wide = MHCResidual(full.sublayer, model_config(n, norm_first, mhc_native=native), widens=True).double()
+    wide = MHCResidual(full.sublayer, model_config(n, order, mhc_native=native), widens=True).double()
     wide.load_state_dict(full.state_dict())
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     check_path(full, x, native)
@@ -483,14 +496,14 @@ def test_widening_equals_the_block_on_n_copies(n, norm_first, native):
     assert not shortcut["phi"][:, 2 * n:].any() and not shortcut["static"][2 * n:].any() and shortcut["alpha"][2] == 0
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_gradients_reach_every_mhc_parameter(norm_first):
+@pytest.mark.parametrize("order", ["post", "pre", "ligr"])
+def test_gradients_reach_every_mhc_parameter(order):
     """Every parameter gets a finite, non-zero gradient. The first block's H_res part is
     the exception by construction: its input is n identical copies, which any row
     stochastic H_res maps to themselves, so it gets exactly 0 (the block never computes
     H_res: `widen`). Later blocks see streams that differ by O(α) and get ~1e-6 at
     initialisation."""
-    _, mhc = plain_and_mhc(model_config(4, norm_first))
+    _, mhc = plain_and_mhc(model_config(4, order))
     mhc.train()
     bce(mhc, left_padded([12, 9, 5])).backward()
     for name, p in mhc.named_parameters():
@@ -502,14 +515,14 @@ def test_gradients_reach_every_mhc_parameter(norm_first):
 
 
 @pytest.mark.parametrize("no_amp", [False, True])
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_bf16_autocast_is_finite(norm_first, no_amp, monkeypatch):
+@pytest.mark.parametrize("order", ["post", "pre", "ligr"])
+def test_bf16_autocast_is_finite(order, no_amp, monkeypatch):
     """Finite under bf16 autocast; the stream stays fp32 in both modes (the H_post update
     promotes), and the mixing product H·x runs in bf16 unless --mhc_no_amp keeps it fp32.
     On the PyTorch path, whose einsum can be watched (the compiled kernel under
     --mhc_no_amp: tests/test_mhc_native.py)."""
     torch.manual_seed(0)
-    model = SASRec(model_config(4, norm_first, dropout_rate=0.2, mhc_no_amp=no_amp, mhc_native=False),
+    model = SASRec(model_config(4, order, dropout_rate=0.2, mhc_no_amp=no_amp, mhc_native=False),
                    NUM_ITEMS).train()
     streams, mixing = [], []
     einsum = torch.einsum
@@ -533,10 +546,10 @@ def test_bf16_autocast_is_finite(norm_first, no_amp, monkeypatch):
     assert len(mixing) == len(model.layers) - 1 and set(mixing) == {torch.float32 if no_amp else torch.bfloat16}
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_a_few_adam_steps_reduce_the_loss(norm_first):
+@pytest.mark.parametrize("order", ["post", "pre"])
+def test_a_few_adam_steps_reduce_the_loss(order):
     torch.manual_seed(0)
-    model = SASRec(model_config(4, norm_first), NUM_ITEMS).train()
+    model = SASRec(model_config(4, order), NUM_ITEMS).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     items = left_padded([12, 10, 8, 12, 6, 11])
     losses = []

@@ -15,7 +15,8 @@ import torch
 from seqrec.config import ModelConfig
 from seqrec.models import native
 from seqrec.models.mhc import HyperStream, MHCResidual
-from seqrec.models.sasrec import FeedForward, SASRec
+from seqrec.models.blocks import FeedForward
+from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec
 
 pytestmark = pytest.mark.skipif(native.library(torch.float64, 2) is None or native.library(torch.float32, 2) is None,
@@ -138,9 +139,9 @@ def test_collapse_kernel_equals_the_pytorch_path():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("block", ["post", "pre"])
 @pytest.mark.parametrize("model_cls", [SASRec, TiSASRec])
-def test_models_on_the_kernel_equal_the_pytorch_path(model_cls, norm_first):
+def test_models_on_the_kernel_equal_the_pytorch_path(model_cls, block):
     """A whole model, forward and backward, with the kernel split over two threads (5,120
     tokens: two token ranges) and without it. float64: same hidden states and gradients to
     1e-9. float32: same hidden states to float32 rounding; its gradients are not compared,
@@ -148,7 +149,7 @@ def test_models_on_the_kernel_equal_the_pytorch_path(model_cls, norm_first):
     that cancel to below float32 rounding: there both paths differ from float64 by more
     than the gradient itself (measured), so neither can be the other's reference."""
     cfg = ModelConfig(maxlen=128, hidden_units=16, num_heads=2, num_blocks=2, dropout_rate=0.0,
-                      norm_first=norm_first, time=model_cls is TiSASRec, time_unit="second", time_span=20,
+                      block=block, time=model_cls is TiSASRec, time_unit="second", time_span=20,
                       mhc=True, mhc_init_gate=0.3)
     torch.manual_seed(0)
     models = [model_cls(dataclasses.replace(cfg, mhc_native=flag), NUM_ITEMS) for flag in (True, False)]

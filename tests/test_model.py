@@ -7,11 +7,18 @@ from seqrec.models.attention import attention_mask
 from seqrec.models.dropout import Dropout
 
 
-def make_model(norm_first, **kw):
+BLOCKS = ["post", "pre", "ligr"]
+
+
+def make_model(block, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(maxlen=12, hidden_units=16, num_heads=2, num_blocks=2, dropout_rate=0.0,
-                      norm_first=norm_first, **{"time": False, "mhc": False, **kw})
-    return build_model(cfg, num_items=30).eval()
+                      block=block, **{"time": False, "mhc": False, **kw})
+    model = build_model(cfg, num_items=30)
+    if block == "ligr":  # the gates start constant (1/2): make them depend on the token, as after training
+        for layer in model.layers:
+            torch.nn.init.normal_(layer.gate.weight, std=0.5)
+    return model.eval()
 
 
 def left_padded(lengths, maxlen=12, seed=0):
@@ -21,10 +28,10 @@ def left_padded(lengths, maxlen=12, seed=0):
     return items.masked_fill(pad, 0)
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("mhc", [False, True])
-def test_causality_future_items_do_not_change_the_past(norm_first, mhc):
-    model = make_model(norm_first, mhc=mhc)
+def test_causality_future_items_do_not_change_the_past(block, mhc):
+    model = make_model(block, mhc=mhc)
     if mhc:  # strongly token-dependent coefficients: a leak through them would show
         with torch.no_grad():
             for layer in model.layers:
@@ -40,11 +47,11 @@ def test_causality_future_items_do_not_change_the_past(norm_first, mhc):
     assert not torch.allclose(base[:, t + 1:], out[:, t + 1:])
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_real_positions_never_attend_to_padding(norm_first):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_real_positions_never_attend_to_padding(block):
     """Replace the hidden states at padded positions with noise before every sub-layer:
     outputs at real positions must not move (they would if padded keys were visible)."""
-    model = make_model(norm_first)
+    model = make_model(block)
     items = left_padded([12, 7, 3])
     real = items != 0
     base = model({"items": items})
@@ -62,13 +69,13 @@ def test_real_positions_never_attend_to_padding(norm_first):
     assert torch.allclose(base[real], out[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("mhc", [False, True])
-def test_rotated_rows_match_left_padded_masked_attention(norm_first, mhc):
+def test_rotated_rows_match_left_padded_masked_attention(block, mhc):
     """SASRec.forward rotates rows and uses plain causal attention; the reference is the
     left-padded input through the same layers with the explicit causal key-padding mask.
     Real positions must agree (float32 rounding only), for full and cut widths."""
-    model = make_model(norm_first, mhc=mhc)
+    model = make_model(block, mhc=mhc)
     items = left_padded([9, 7, 5, 1])
     real = items != 0
     reference = model.encode(model.embed(items), {"mask": attention_mask(items)})
@@ -86,7 +93,7 @@ def test_attention_mask_rows():
 
 
 def test_scoring_api_consistent():
-    model = make_model(False)
+    model = make_model("post")
     hidden = model({"items": left_padded([12, 4])})[:, -1]
     all_scores = model.score_all(hidden)
     assert all_scores.shape == (2, 31)
@@ -95,17 +102,17 @@ def test_scoring_api_consistent():
 
 
 def test_embedding_padding_rows_are_zero():
-    model = make_model(True)
+    model = make_model("pre")
     assert isinstance(model, SASRec)
     assert model.item_emb.weight[0].abs().sum() == 0 and model.pos_emb.weight[0].abs().sum() == 0
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("time, mhc", [(False, False), (False, True), (True, False), (True, True)])
-def test_input_without_its_padding_columns_gives_the_same_outputs(norm_first, time, mhc):
+def test_input_without_its_padding_columns_gives_the_same_outputs(block, time, mhc):
     """Evaluation drops columns that are padding in the whole batch: a narrower input is the
     right end of the window, so real positions must come out exactly as in full width."""
-    model = make_model(norm_first, time=time, mhc=mhc)
+    model = make_model(block, time=time, mhc=mhc)
     items = left_padded([7, 5, 2])
     times = torch.cumsum(torch.randint(0, 5000, items.shape), 1)
     full = model({"items": items, "times": times})

@@ -14,12 +14,16 @@ MAXLEN, DIM, ITEMS = 10, 20, 30
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def make_model(norm_first, heads=2, unit="minute", span=6, dtype=torch.float64, dropout=0.0):
+def make_model(block, heads=2, unit="minute", span=6, dtype=torch.float64, dropout=0.0):
     torch.manual_seed(0)
     cfg = ModelConfig(maxlen=MAXLEN, hidden_units=DIM, num_heads=heads, num_blocks=2, dropout_rate=dropout,
-                      attention_dropout=dropout, norm_first=norm_first, time=True, time_span=span,
+                      attention_dropout=dropout, block=block, time=True, time_span=span,
                       time_unit=unit, mhc=False)
-    return TiSASRec(cfg, ITEMS).to(dtype).eval()
+    model = TiSASRec(cfg, ITEMS)
+    if block == "ligr":  # the gates start constant (1/2): make them depend on the token, as after training
+        for layer in model.layers:
+            torch.nn.init.normal_(layer.gate.weight, std=0.5)
+    return model.to(dtype).eval()
 
 
 def make_batch(lengths, seed=0):
@@ -45,11 +49,11 @@ def relative(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("block", ["post", "pre"])
 @pytest.mark.parametrize("heads", [1, 2, 5])
-def test_efficient_attention_equals_reference(heads, norm_first, dtype):
+def test_efficient_attention_equals_reference(heads, block, dtype):
     """One layer and the whole model: outputs and gradients (input, every parameter)."""
-    model = make_model(norm_first, heads, dtype=dtype)
+    model = make_model(block, heads, dtype=dtype)
     batch = make_batch([10, 7, 3, 1])
     real = batch["items"] != 0
     weights = torch.randn(*real.shape, DIM, dtype=dtype)
@@ -117,9 +121,9 @@ def test_personal_scale_by_hand():
 
 
 @pytest.mark.parametrize("unit", ["personal", "hour"])
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_future_items_and_times_do_not_change_the_past(norm_first, unit):
-    model = make_model(norm_first, unit=unit, span=50)
+@pytest.mark.parametrize("block", ["post", "pre", "ligr"])
+def test_future_items_and_times_do_not_change_the_past(block, unit):
+    model = make_model(block, unit=unit, span=50)
     batch = make_batch([10, 8, 5], seed=2)
     base = model(batch)
     t = 6
@@ -132,11 +136,11 @@ def test_future_items_and_times_do_not_change_the_past(norm_first, unit):
     assert not torch.allclose(base[:, t + 1:], out[:, t + 1:])
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_padding_never_reaches_real_positions(norm_first):
+@pytest.mark.parametrize("block", ["post", "pre", "ligr"])
+def test_padding_never_reaches_real_positions(block):
     """Noise in the hidden states at padded positions before every sub-layer, and garbage
     timestamps at padding: outputs at real positions must not move."""
-    model = make_model(norm_first, unit="personal")
+    model = make_model(block, unit="personal")
     batch = make_batch([10, 6, 2])
     real = batch["items"] != 0
     base = model(batch)
@@ -154,7 +158,7 @@ def test_padding_never_reaches_real_positions(norm_first):
 
 
 def test_single_item_row_and_query_without_visible_key_stay_finite():
-    model = make_model(False, unit="personal")
+    model = make_model("post", unit="personal")
     batch = make_batch([1, 10])
     out = model(batch)
     out[batch["items"] != 0].sum().backward()
@@ -175,7 +179,7 @@ def test_single_item_row_and_query_without_visible_key_stay_finite():
 def test_table_dropout_drops_table_elements_in_training_only():
     """pK, pV, rK, rV elements are dropped (with the 1/(1-p) scale) in training, and the
     attention output then changes; evaluation reads the tables as they are."""
-    model = make_model(True, dropout=0.3)
+    model = make_model("pre", dropout=0.3)
     attention = model.layers[0].sublayer
     table = attention.table(attention.interval_k, attention.interval_k.num_embeddings)
     assert torch.equal(table, attention.interval_k.weight.view(-1, 2, DIM // 2).transpose(0, 1))
@@ -191,7 +195,7 @@ def test_table_dropout_drops_table_elements_in_training_only():
 def test_every_parameter_is_trained():
     """No unused parameter (DistributedDataParallel would fail): positions live in the layers.
     Trained with every dropout on (outputs, tables, attention weights)."""
-    model = make_model(True, dropout=0.3).train()
+    model = make_model("pre", dropout=0.3).train()
     assert not hasattr(model, "pos_emb")
     batch = make_batch([10, 4])
     model(batch)[batch["items"] != 0].sum().backward()

@@ -70,6 +70,23 @@ def test_resume_refuses_a_reshaped_model(data_file, tmp_path):
         run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True, model__hidden_units=32))
 
 
+def test_a_checkpoint_from_before_the_block_option_resumes(data_file, tmp_path):
+    """Its model config says norm_first and has no block or ffn_mult: read through the schema,
+    it is the post-LN model of today's defaults, so resuming is not refused as a reshape."""
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    state = ckpt.load(tmp_path / "r" / "latest.pt")
+    model = state["config"]["model"]
+    del model["block"], model["ffn_mult"]
+    model["norm_first"] = False
+    ckpt.save(state, tmp_path / "r" / "latest.pt")
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True))
+    assert ckpt.load(tmp_path / "r" / "latest.pt")["epoch"] == 2
+    model["norm_first"] = True  # a pre-LN run is another model
+    ckpt.save(state, tmp_path / "r" / "latest.pt")
+    with pytest.raises(TrainingError, match="--block post differs from the checkpoint's pre"):
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=3, train__resume=True))
+
+
 def nan_at(steps):
     calls = {"n": 0}
     original = BCELoss.__call__

@@ -50,6 +50,7 @@ class SequenceTensors:
                  eval_negatives: int = 100, eval_seed: int = 0):
         self.num_items = seqs.num_items
         self.num_users = seqs.num_users
+        self.digest = seqs.digest()  # checkpoints keep it: resuming on other data is refused
         self.maxlen = maxlen
         self.has_times = seqs.times is not None
         starts = seqs.offsets[:-1]

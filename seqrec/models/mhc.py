@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from . import native
+from .blocks import Gate
 
 
 FLOOR = -60.0  # Sinkhorn's logits floor, relative to their column's max (as in mhc_kernels.c)
@@ -235,7 +236,13 @@ class MHCResidual(nn.Module):
       * post-LN: x_{l+1} = LN(H_res·x + H_postᵀ·F(H_pre·x)) applied to each stream,
         i.e. the plain post-LN block stream-wise. This keeps every stream bounded (as
         post-LN keeps the single stream bounded) and equals the plain block exactly on
-        identical copies, which normalising only F's branch would not.
+        identical copies, which normalising only F's branch would not;
+      * LiGR:    x_{l+1} = H_res·x + H_postᵀ·(g(H_pre·x) ⊙ F(LN(H_pre·x))), the pre-LN form
+        with the LiGR gate (blocks.Gate) on F's output: the gate reads the sub-layer's
+        input H_pre·x, as in the plain LiGR layer it reads x, and scales F per channel
+        before H_post spreads it over the streams (H_post: per stream, g: per channel, so
+        neither subsumes the other). On identical copies H_pre·x = x, so the block equals
+        the plain LiGR block there, as the other two orders do (tests/test_blocks.py).
 
     Parameters: phi [nC, 2n+n²] (columns: pre, post, res row-major), alpha [3] and
     static [2n+n²] (b, same column order); all raw Parameters, initialised here.
@@ -261,7 +268,8 @@ class MHCResidual(nn.Module):
         n, dim = cfg.mhc_expansion_rate, cfg.hidden_units
         self.sublayer, self.widens = sublayer, widens
         self.norm = nn.LayerNorm(dim, eps=1e-8)
-        self.n, self.norm_first, self.iters, self.no_amp = n, cfg.norm_first, cfg.mhc_sinkhorn_iter, cfg.mhc_no_amp
+        self.n, self.norm_first, self.iters, self.no_amp = n, cfg.block != "post", cfg.mhc_sinkhorn_iter, cfg.mhc_no_amp
+        self.gate = Gate(dim) if cfg.block == "ligr" else None
         self.native = cfg.mhc_native
         self.phi = nn.Parameter(torch.randn(n * dim, 2 * n + n * n) / math.sqrt(n * dim))
         self.alpha = nn.Parameter(torch.full((3,), cfg.mhc_init_gate))
@@ -352,6 +360,8 @@ class MHCResidual(nn.Module):
             (res, branch, h_post), post_gain = native.PreMix.apply(x, self.phi, self.alpha, self.static,
                                                                    self.iters), 1.0
         out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
+        if self.gate is not None:
+            out = self.gate(branch) * out
         if on_kernel and not self.norm_first and out.dtype == res.dtype:
             h_post = h_post if post_gain == 1.0 else post_gain * h_post  # the widening block's H_post / 2
             return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps,

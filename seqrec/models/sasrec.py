@@ -1,4 +1,4 @@
-"""SASRec backbone (Kang & McAuley, 2018) with post- or pre-LayerNorm blocks.
+"""SASRec backbone (Kang & McAuley, 2018) with post-LN, pre-LN or LiGR blocks (blocks.py).
 
 The model API is fixed for every variant: ``forward(batch) -> hidden [B, L, d]``,
 ``score(hidden, items)`` for given candidates and ``score_all(hidden[, id range])`` for the
@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import CausalSelfAttention
+from .blocks import Residual, feed_forward
 from .dropout import Dropout
 
 
@@ -21,33 +22,6 @@ def column_indices(items: torch.Tensor) -> torch.Tensor:
     ``torch.arange(W, device=items.device)``, whose device a traced or exported graph holds as a
     constant (tests/test_export.py)."""
     return items.new_ones(items.shape[1], dtype=torch.long).cumsum(0).sub_(1)
-
-
-class FeedForward(nn.Module):
-    """Point-wise two-layer FFN (the reference's kernel-1 convolutions)."""
-
-    def __init__(self, dim: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout),
-                                 nn.Linear(dim, dim), Dropout(dropout))
-
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
-        return self.net(x)
-
-
-class Residual(nn.Module):
-    """x + F(x) with the LayerNorm before F (pre-LN) or after the sum (post-LN)."""
-
-    def __init__(self, sublayer: nn.Module, dim: int, norm_first: bool):
-        super().__init__()
-        self.sublayer = sublayer
-        self.norm = nn.LayerNorm(dim, eps=1e-8)
-        self.norm_first = norm_first
-
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
-        if self.norm_first:
-            return x + self.sublayer(self.norm(x), ctx)
-        return self.norm(x + self.sublayer(x, ctx))
 
 
 class PlainStream(nn.Module):
@@ -60,10 +34,10 @@ class PlainStream(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dim, self.norm_first = cfg.hidden_units, cfg.norm_first
+        self.dim, self.block = cfg.hidden_units, cfg.block
 
     def wrap(self, sublayer: nn.Module) -> nn.Module:
-        return Residual(sublayer, self.dim, self.norm_first)
+        return Residual(sublayer, self.dim, self.block)
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -88,7 +62,7 @@ class SASRec(nn.Module):
         self.layers = nn.ModuleList()
         for _ in range(cfg.num_blocks):
             self.layers.append(self.stream.wrap(self.make_attention(cfg)))
-            self.layers.append(self.stream.wrap(FeedForward(d, cfg.dropout_rate)))
+            self.layers.append(self.stream.wrap(feed_forward(cfg)))
         self.final_norm = nn.LayerNorm(d, eps=1e-8)
         self.reset_parameters()
 
@@ -98,7 +72,7 @@ class SASRec(nn.Module):
     def reset_parameters(self) -> None:
         """Xavier-uniform Linear and Embedding weights, as in the reference port; padding rows stay zero.
 
-        Other parameters (LayerNorm, the mHC coefficients) keep their own initialisation.
+        Other parameters (LayerNorm, the LiGR gates, the mHC coefficients) keep their own initialisation.
         """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
