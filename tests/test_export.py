@@ -1,12 +1,19 @@
-"""Export of the scoring model: exported scores equal the eager model's for every variant, at
-batch sizes other than the one traced, the TorchScript file runs without seqrec, and no exported
-graph holds a device."""
+"""Export: the default pt2 program's top k equals the eager Recommender's (ties allowed) in a
+process that cannot import seqrec, every format reproduces the eager scorer at batch sizes
+other than the one traced, the graphs hold only aten ops and no device, and TorchScript, the
+legacy format, raises none of torch's jit deprecation warnings."""
 from __future__ import annotations
 
+import inspect
 import json
+import operator
+import shutil
 import subprocess
 import sys
+import textwrap
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch.utils import _pytree as pytree
@@ -25,98 +32,244 @@ VARIANTS = {
     "tisasrec": {"model__time": True, "model__time_unit": "personal"},
     "tisasrec+mhc": {"model__time": True, "model__mhc": True},
 }
+K = 25  # of the toy data's 40 items: rows with more than 15 distinct items have fewer than K eligible
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def trained(request, tmp_path_factory):
-    """(checkpoint, data file) of a one-epoch run of the variant."""
+    """(run directory, data file) of a one-epoch run of the variant."""
     tmp = tmp_path_factory.mktemp(request.param.replace("+", "_"))
     data = write_interactions(tmp / "toy.txt")
     run(small_config(data, tmp / "run", train__num_epochs=1, **VARIANTS[request.param]))
-    return tmp / "run" / "best.pt", data
+    return tmp / "run", data
 
 
-def real_batch(rec: Recommender, data_file, users: int = 3) -> tuple[torch.Tensor, ...]:
-    """Left-padded inputs of the first users' histories, as serving encodes them."""
+@pytest.fixture(scope="module")
+def pt2(trained):
+    """(run directory, data file, file) of `seqrec export` with the default format, top K."""
+    run_dir, data = trained
+    out = run_dir.parent / "model.pt2"
+    assert console(["export", "--checkpoint", str(run_dir / "best.pt"), "--out", str(out), "--k", str(K)]) == 0
+    return run_dir, data, out
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(tmp_path_factory):
+    """A SASRec run directory, for the tests of options that do not depend on the model."""
+    tmp = tmp_path_factory.mktemp("sasrec_options")
+    run(small_config(write_interactions(tmp / "toy.txt"), tmp / "run", train__num_epochs=1))
+    return tmp / "run"
+
+
+def histories(data_file, users: int, maxlen: int) -> tuple[list[list[str]], list[list[int]]]:
+    """The last maxlen items (original ids) and timestamps of the first users of the data: the
+    whole input row of each, so "seen" means the same to the graph and to the Recommender."""
     seqs = build_sequences(read_interactions(str(data_file)))
-    spans = [slice(seqs.offsets[u], seqs.offsets[u + 1]) for u in range(users)]
-    histories = [[seqs.item_ids[i - 1] for i in seqs.items[s]] for s in spans]
-    batch = rec._encode(histories, [seqs.times[s].tolist() for s in spans], strict=True)
-    assert (batch["items"] == 0).any()  # the histories are shorter than maxlen: padding is exercised
-    return (batch["items"], batch["times"]) if rec.uses_time else (batch["items"],)
+    spans = [slice(max(seqs.offsets[u], seqs.offsets[u + 1] - maxlen), seqs.offsets[u + 1]) for u in range(users)]
+    return ([[str(seqs.item_ids[i - 1]) for i in seqs.items[s]] for s in spans],
+            [seqs.times[s].tolist() for s in spans])
 
 
-def check_format(fmt: str, trained, tmp_path) -> None:
-    checkpoint, data_file = trained
-    out = tmp_path / f"model.{fmt}"
-    sidecar = ex.export(checkpoint, out, fmt)
-    rec = Recommender.from_checkpoint(str(checkpoint))
-    meta = json.loads(sidecar.read_text())
-    assert meta["item_ids"] == rec.item_ids and meta["maxlen"] == rec.maxlen
+def encode(meta: dict, histories: list, times: list) -> tuple:
+    """What a server does with the sidecar alone (this function also runs in the process without
+    seqrec): ids to indices (index i is item_ids[i - 1]), the last maxlen of each row, left-padded with 0."""
+    index = {item: i + 1 for i, item in enumerate(meta["item_ids"])}
+    columns = {"items": [[index[item] for item in row] for row in histories], "times": times}
+    tensors = []
+    for name in meta["inputs"]:
+        tensor = torch.zeros(len(histories), meta["maxlen"], dtype=torch.long)
+        for row, values in enumerate(columns[name]):
+            values = values[-meta["maxlen"]:]
+            if values:
+                tensor[row, -len(values):] = torch.tensor(values)
+        tensors.append(tensor)
+    return tuple(tensors)
+
+
+def check_format(fmt: str, out, run_dir, data_file, k: int) -> None:
+    """The file's sidecar describes it, and its outputs are the eager scorer's on real
+    histories (padded) and on random ones at another batch size."""
+    rec = Recommender.from_checkpoint(run_dir)
+    meta = json.loads(ex.sidecar_path(out).read_text())
+    assert meta["format"] == fmt and meta["k"] == k and meta["maxlen"] == rec.maxlen
+    assert meta["item_ids"] == rec.item_ids and meta["num_items"] == len(rec.item_ids)
     assert meta["inputs"] == (["items", "times"] if rec.uses_time else ["items"])
-    exported, eager = ex.load_exported(out, fmt), ex.ScoringModel(rec.model)
-    for inputs in (real_batch(rec, data_file), ex.example_inputs(7, rec.maxlen, len(rec.item_ids), rec.uses_time, 5)):
+    assert list(meta["outputs"]) == (["item_indices", "scores"] if k else ["scores"])
+    exported, eager = ex.load_exported(out, fmt), ex.build_scorer(rec.model, k)
+    real = encode(meta, *histories(data_file, 4, rec.maxlen))
+    assert (real[0] == 0).any()  # padding is exercised
+    for inputs in (real, ex.example_inputs(7, rec.maxlen, len(rec.item_ids), rec.uses_time, 5)):
         with torch.no_grad():
-            expected = eager(*inputs)
-        assert expected.shape == (len(inputs[0]), len(rec.item_ids) + 1)
-        torch.testing.assert_close(exported(*inputs), expected, rtol=1e-5, atol=1e-5)
+            got = exported(*inputs)
+            eager.assert_matches(got, inputs)
+        shapes = [tuple(t.shape) for t in (got if k else (got,))]
+        assert shapes == ([(len(inputs[0]), k)] * 2 if k else [(len(inputs[0]), len(rec.item_ids) + 1)])
 
 
-def test_torchscript_scores_equal_eager(trained, tmp_path):
-    check_format("torchscript", trained, tmp_path)
-
-
-def test_pt2_scores_equal_eager_and_run_on_another_device(trained, tmp_path):
-    check_format("pt2", trained, tmp_path)
+def test_pt2_top_k_equals_eager_and_runs_on_another_device(pt2):
+    run_dir, data_file, out = pt2
+    check_format("pt2", out, run_dir, data_file, K)
     # The weights move at load (move_to_device_pass); "meta" stands in for an accelerator: an op
     # left on the export's device would fail against meta tensors.
-    checkpoint, data_file = trained
-    rec = Recommender.from_checkpoint(str(checkpoint))
-    inputs = real_batch(rec, data_file)
-    scores = ex.load_exported(tmp_path / "model.pt2", "pt2", device="meta")(*(t.to("meta") for t in inputs))
-    assert scores.device.type == "meta" and scores.shape == (len(inputs[0]), len(rec.item_ids) + 1)
+    meta = json.loads(ex.sidecar_path(out).read_text())
+    inputs = encode(meta, *histories(data_file, 3, meta["maxlen"]))
+    indices, scores = ex.load_exported(out, "pt2", device="meta")(*(t.to("meta") for t in inputs))
+    assert indices.device.type == scores.device.type == "meta" and scores.shape == (3, K)
 
 
-def test_onnx_scores_equal_eager(trained, tmp_path):
+def no_jit_deprecation(call, *args):
+    """call(*args), asserting that it raised none of torch's jit deprecation warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call(*args)
+    assert [str(w.message) for w in caught if "torch.jit" in str(w.message)] == []
+    return result
+
+
+def test_torchscript_is_legacy_quiet_and_equals_eager(trained, tmp_path, capsys):
+    run_dir, data_file = trained
+    out = tmp_path / "model.pt"
+    argv = ["export", "--checkpoint", str(run_dir), "--out", str(out), "--format", "torchscript", "--k", str(K)]
+    assert no_jit_deprecation(console, argv) == 0
+    assert capsys.readouterr().err.startswith("note: torchscript is a legacy format")
+    no_jit_deprecation(check_format, "torchscript", out, run_dir, data_file, K)
+
+
+def test_onnx_top_k_equals_eager(trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    check_format("onnx", trained, tmp_path)
+    run_dir, data_file = trained
+    ex.export(run_dir, tmp_path / "model.onnx", "onnx", K)
+    check_format("onnx", tmp_path / "model.onnx", run_dir, data_file, K)
 
 
-FRESH_PROCESS = """
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_k_0_exports_the_scores_of_all_items(fmt, sasrec_run, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    out = tmp_path / f"model.{fmt}"
+    ex.export(sasrec_run, out, fmt, k=0)
+    check_format(fmt, out, sasrec_run, sasrec_run.parent / "toy.txt", 0)
+
+
+CHILD = textwrap.dedent(inspect.getsource(encode)) + """
 import json, sys
-sys.modules["seqrec"] = None  # any import of seqrec now fails
+sys.modules["seqrec"] = None  # installed (editable or not) beside torch, so blocked rather than off the path
+try:
+    import seqrec
+except ImportError:
+    pass
+else:
+    raise SystemExit("seqrec is importable")
 import torch
-model = torch.jit.load(sys.argv[1])
-meta = json.load(open(sys.argv[1] + ".json"))
-inputs = torch.load(sys.argv[2])
-torch.save(model(*inputs[:len(meta["inputs"])]), sys.argv[3])
+path, request, answer = sys.argv[1:]
+with open(path + ".json") as f:
+    meta = json.load(f)
+with open(request) as f:
+    request = json.load(f)
+model = torch.export.load(path).module()
+with torch.no_grad():
+    indices, scores = model(*encode(meta, request["histories"], request["times"]))
+ids = [[meta["item_ids"][i - 1] if s > float("-inf") else None for i, s in zip(*row)]
+       for row in zip(indices.tolist(), scores.tolist())]
+with open(answer, "w") as f:
+    json.dump({"ids": ids, "scores": scores.tolist()}, f)
 """
 
 
-def test_torchscript_runs_without_seqrec(trained, tmp_path):
-    checkpoint, data_file = trained
-    assert console(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.pt")]) == 0
-    rec = Recommender.from_checkpoint(str(checkpoint))
-    inputs = real_batch(rec, data_file, users=4)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "m.pt"), str(tmp_path / "inputs.pt"),
-                    str(tmp_path / "scores.pt")], check=True, cwd=tmp_path)
-    with torch.no_grad():
-        expected = ex.ScoringModel(rec.model)(*inputs)
-    torch.testing.assert_close(torch.load(tmp_path / "scores.pt"), expected, rtol=1e-5, atol=1e-5)
+def assert_same_top_k(ids, scores, expected_ids, expected_scores, tol: float = 1e-5) -> None:
+    """Equal scores (within tol); equal ids wherever the score is not tied with another of its row,
+    since tied items come in the order their topk kernel happens to give."""
+    np.testing.assert_allclose(scores, expected_scores, rtol=tol, atol=tol)  # -inf only where -inf
+    for row, (row_ids, row_scores) in enumerate(zip(expected_ids, expected_scores)):
+        for j, score in enumerate(row_scores):
+            if np.isneginf(score):
+                assert ids[row][j] is None and row_ids[j] is None
+            elif np.sum(np.abs(row_scores - score) <= tol) == 1:
+                assert ids[row][j] == row_ids[j], (row, j)
 
 
-def test_export_refuses_a_wrong_trace_and_bad_input(tmp_path, monkeypatch, capsys):
-    data = write_interactions(tmp_path / "toy.txt")
-    run(small_config(data, tmp_path / "run", train__num_epochs=1))
-    checkpoint = tmp_path / "run" / "best.pt"
-    monkeypatch.setattr(ex, "load_exported", lambda path, fmt: lambda items: torch.zeros(len(items), 41))
+def test_pt2_runs_without_seqrec_and_matches_the_recommender(pt2, tmp_path):
+    """`python -I` from a directory outside the checkout (no cwd, no PYTHONPATH on sys.path)
+    loads the file with torch.export.load, encodes histories and maps indices back to ids with
+    the sidecar alone; the result is Recommender.recommend_histories' top K, seen items excluded."""
+    run_dir, data_file, out = pt2
+    rec = Recommender.from_checkpoint(run_dir)
+    rows, times = histories(data_file, 8, rec.maxlen)
+    (tmp_path / "request.json").write_text(json.dumps({"histories": rows, "times": times}))
+    subprocess.run([sys.executable, "-I", "-c", CHILD, str(out), str(tmp_path / "request.json"),
+                    str(tmp_path / "answer.json")], check=True, cwd=tmp_path)
+    answer = json.loads((tmp_path / "answer.json").read_text())
+    expected_ids, expected_scores = rec.recommend_histories(rows, k=K, times=times if rec.uses_time else None,
+                                                             exclude_seen=True)
+    assert_same_top_k(answer["ids"], np.array(answer["scores"], dtype=np.float32), expected_ids, expected_scores)
+    tails = np.isneginf(expected_scores).any(axis=1)
+    assert tails.any() and not tails.all()  # rows with fewer than K eligible items end in -inf, the others do not
+
+
+def test_checkpoint_may_be_a_run_directory(sasrec_run, tmp_path, capsys):
+    """A run directory means its best.pt, else its latest.pt; one without either is one line, exit 2."""
+    out = tmp_path / "model.pt2"
+    assert console(["export", "--checkpoint", str(sasrec_run), "--out", str(out)]) == 0
+    assert f"(pt2 of {sasrec_run / 'best.pt'})" in capsys.readouterr().out
+    meta = json.loads(ex.sidecar_path(out).read_text())
+    assert (meta["format"], meta["k"]) == ("pt2", ex.DEFAULT_K)
+    latest_only = tmp_path / "latest_only"
+    latest_only.mkdir()
+    shutil.copy(sasrec_run / "latest.pt", latest_only)
+    assert console(["export", "--checkpoint", str(latest_only), "--out", str(tmp_path / "m.pt"), "--k", "3",
+                    "--format", "torchscript"]) == 0
+    assert f"(torchscript of {latest_only / 'latest.pt'})" in capsys.readouterr().out
+
+
+def test_k_is_capped_at_the_catalogue_and_a_negative_k_is_refused(sasrec_run, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    ex.export(sasrec_run, out, "torchscript", k=1000)
+    assert json.loads(ex.sidecar_path(out).read_text())["k"] == 40
+    assert console(["export", "--checkpoint", str(sasrec_run), "--out", str(out), "--k", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --k must be 0 (the scores of all items) or more, got -1\n"
+
+
+def test_export_refuses_a_wrong_trace_and_bad_input(sasrec_run, tmp_path, monkeypatch, capsys):
+    def wrong(path, fmt):  # a trace that recorded something else: item 0, score 0, for every row
+        return lambda items: (torch.zeros(len(items), ex.DEFAULT_K, dtype=torch.long),
+                              torch.zeros(len(items), ex.DEFAULT_K))
+    monkeypatch.setattr(ex, "load_exported", wrong)
     with pytest.raises(ex.ExportError, match="differ"):
-        ex.export(checkpoint, tmp_path / "m.pt")
-    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.pt.json").exists()  # nothing wrong is kept
-    assert console(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+        ex.export(sasrec_run, tmp_path / "m.pt2")
+    assert not (tmp_path / "m.pt2").exists() and not (tmp_path / "m.pt2.json").exists()  # nothing wrong is kept
+    assert console(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt2")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert console(["export", "--checkpoint", str(empty), "--out", str(tmp_path / "x.pt2")]) == 2
+    assert capsys.readouterr().err == f"error: {empty}: run directory holds no best.pt or latest.pt\n"
+
+
+# Only aten ops: a server that runs the program (torch.export.load, AOTInductor, ExecuTorch) needs
+# no Python module of ours and no custom op. Python's getitem picks an output of a multi-output op
+# (topk), and operator.mul etc. compute sizes from the symbolic batch dimension: neither is a tensor op.
+
+def _allowed(node: torch.fx.Node) -> bool:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace == "aten"
+    on_sizes = getattr(target, "__module__", None) == "_operator" and isinstance(node.meta.get("val"), torch.SymInt)
+    return target is operator.getitem or on_sizes
+
+
+def non_aten_nodes(program: torch.export.ExportedProgram) -> list[str]:
+    """The nodes of the program's graph that compute anything but aten ops (a call_module, a
+    higher-order op such as an autocast region, a custom op, a Python function)."""
+    computing = (node for node in program.graph.nodes if node.op not in ("placeholder", "get_attr", "output"))
+    return [node.format_node() for node in computing if not (node.op == "call_function" and _allowed(node))]
+
+
+def test_pt2_graph_holds_only_aten_ops(pt2):
+    program = torch.export.load(str(pt2[2]))
+    assert non_aten_nodes(program) == []
+    assert torch.ops.aten.topk.default in {node.target for node in program.graph.nodes}
 
 
 # A device recorded in a graph: `torch.arange(n, device=x.device)` traces to a Device constant and
@@ -171,32 +324,24 @@ def program_device_literals(program: torch.export.ExportedProgram) -> list[str]:
     return found
 
 
-def assert_program_holds_no_device(program: torch.export.ExportedProgram) -> None:
-    assert program_device_literals(program) == []
-
-
-@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
-def test_exported_files_hold_no_device(trained, fmt, tmp_path):
+def test_exported_files_hold_no_device(pt2, tmp_path):
     """What `seqrec export` writes, loaded back, holds no device constant or argument."""
-    checkpoint, _ = trained
-    out = tmp_path / f"model.{fmt}"
-    assert console(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", fmt]) == 0
-    if fmt == "torchscript":
-        assert script_device_literals(torch.jit.load(str(out))) == []
-    else:
-        assert_program_holds_no_device(torch.export.load(str(out)))
+    run_dir, _, out = pt2
+    assert program_device_literals(torch.export.load(str(out))) == []
+    traced = tmp_path / "model.pt"
+    assert console(["export", "--checkpoint", str(run_dir), "--out", str(traced), "--format", "torchscript"]) == 0
+    assert script_device_literals(ex.load_exported(traced, "torchscript")) == []
 
 
 @pytest.mark.parametrize("unit", TIME_UNITS)
 def test_tisasrec_exports_hold_no_device_for_every_time_unit(unit, tmp_path):
     """Each time unit's interval code, traced and exported (an untrained model has the same graph;
-    mHC is covered by the trained variants)."""
+    mHC is covered by the trained variants), only aten ops in the program."""
     cfg = small_config(tmp_path / "unused.txt", tmp_path, model__time=True, model__time_unit=unit).model
-    scorer = ex.ScoringModel(build_model(cfg, 40)).eval()
+    scorer = ex.build_scorer(build_model(cfg, 40), ex.DEFAULT_K)
     inputs = ex.example_inputs(2, cfg.maxlen, 40, uses_time=True)
     with torch.no_grad():
         ex._to_torchscript(scorer, inputs, ["items", "times"], tmp_path / "m.pt")
         program = ex.exported_program(scorer, inputs, ["items", "times"])
-    assert script_device_literals(torch.jit.load(str(tmp_path / "m.pt"))) == []
-    assert_program_holds_no_device(program)
-
+    assert script_device_literals(ex.load_exported(tmp_path / "m.pt", "torchscript")) == []
+    assert program_device_literals(program) == [] and non_aten_nodes(program) == []

@@ -509,7 +509,7 @@ def check_export(opts: Options, trained: Callable[[], tuple[Path, float]], how: 
     fmt = "pt2" if how == "torch.export-on-device" else "torchscript"
     out = run_dir / ("model.pt2" if fmt == "pt2" else "model.pt")
     if how == "seqrec-export":
-        ex.export(checkpoint, out, "torchscript")  # as `seqrec export` on this machine
+        ex.export(checkpoint, out, "torchscript", k=0)  # as `seqrec export --k 0` on this machine (all scores)
     elif how == "traced-on-device":
         device_inputs = tuple(t.to(device) for t in ex.example_inputs(2, rec.maxlen, num_items, rec.uses_time))
         with torch.no_grad(), warnings.catch_warnings():

@@ -117,7 +117,7 @@ def test_export_on_cuda_loads_and_scores_on_cpu(data, tmp_path, variant):
     torch.backends.cuda.matmul.allow_tf32 = False  # a training run in this process may have turned it on
     with torch.no_grad():
         expected = scorer(*(t.cuda() for t in inputs)).cpu()
-        ex.export(checkpoint, tmp_path / "exported.pt")
+        ex.export(checkpoint, tmp_path / "exported.pt", "torchscript", k=0)
         traced = torch.jit.trace(scorer, tuple(t.cuda() for t in ex.example_inputs(2, rec.maxlen, len(rec.item_ids),
                                                                                   rec.uses_time)),
                                  check_trace=False)
