@@ -2,6 +2,7 @@
 
     python launch/ablation.py --ratings ratings.dat --video Video.txt --out runs/ablation
     python launch/ablation.py --out runs/ablation --table          # table only, from finished runs
+    python launch/ablation.py --grid recipes --ratings ratings.dat --video Video.txt --out runs/recipes
 
 Rows: {SASRec, SASRec+mHC, TiSASRec, TiSASRec+mHC} × {post-LN, pre-LN} × two protocols —
 ``bce`` (the seed's: BCE with one negative, selected on sampled-100 NDCG@10) and ``ce``
@@ -9,7 +10,12 @@ Rows: {SASRec, SASRec+mHC, TiSASRec, TiSASRec+mHC} × {post-LN, pre-LN} × two p
 ``ratings.dat`` (converted by data/convert_ml1m.py, SASRec's one-pass 5-count filter),
 plus SASRec on the SASRec paper's Video Games file (maxlen 50 and, as in the paper for
 sparse data, dropout 0.5) under the seed protocol.
-Each (row, seed) runs in OUT/ROW/seedS. A finished run (results.json) is never rerun and
+``--grid recipes`` is the training-recipe comparison instead: BCE, gBCE (128 negatives,
+t = 0.75), sampled softmax (256 shared negatives), full cross-entropy and eSASRec (LiGR
+blocks with a 4x SwiGLU FFN + the same sampled softmax), for SASRec and TiSASRec+mHC on the
+MovieLens file and for SASRec on Video; every row has the same architecture otherwise,
+maxlen 50, the same epochs and seeds, and selects on full-ranking NDCG@10.
+Each (row, seed) runs in OUT/ROW/seedS, and its peak RSS goes to OUT/ROW/seedS/peak_rss.json. A finished run (results.json) is never rerun and
 an interrupted one resumes from its latest checkpoint, so the script can be stopped and
 started again at will; ``--rows`` picks a subset by name prefix. Selection is on
 validation only; the test numbers are those main.py reports once, at the best
@@ -41,6 +47,17 @@ PROTOCOLS = {
 }
 
 
+RECIPES = {
+    "bce": ["--loss", "bce"],
+    "gbce": ["--loss", "gbce", "--num_negatives", "128", "--gbce_t", "0.75"],
+    "sampled_softmax": ["--loss", "sampled_softmax", "--num_negatives", "256", "--shared_negatives"],
+    "ce": ["--loss", "ce"],
+    "esasrec": ["--block", "ligr", "--ffn_mult", "4", "--loss", "sampled_softmax", "--num_negatives", "256",
+                "--shared_negatives"],
+}
+RECIPE_COMMON = ["--maxlen", "50", "--select_metric", "full/NDCG@10"]
+
+
 @dataclass
 class Row:
     name: str
@@ -56,6 +73,17 @@ def all_rows() -> list[Row]:
     rows.append(Row("video-sasrec-post-bce", "video", "bce",
                     MODELS["sasrec"] + NORMS["post"] + PROTOCOLS["bce"][0] + ["--maxlen", "50", "--dropout_rate", "0.5"]))
     return rows
+
+
+def recipe_rows() -> list[Row]:
+    rows = [Row(f"{model}-{recipe}", "ml1m", "ce", MODELS[model] + RECIPE_COMMON + args)
+            for model in ("sasrec", "tisasrec+mhc") for recipe, args in RECIPES.items()]
+    rows += [Row(f"video-sasrec-{recipe}", "video", "ce", MODELS["sasrec"] + RECIPE_COMMON + args
+                 + ["--dropout_rate", "0.5"]) for recipe, args in RECIPES.items()]
+    return rows
+
+
+GRIDS = {"seed": all_rows, "recipes": recipe_rows}
 
 
 def command(row: Row, seed: int, data_path: Path, run_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -78,12 +106,23 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> 
             log = open(run_dir / "train.log", "a")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), run_dir, log))
         time.sleep(5)
-        for job in [j for j in running if j[0].poll() is not None]:
+        for job in list(running):
             proc, run_dir, log = job
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # the child's own rusage: its peak RSS
+            if pid == 0:
+                continue
             log.close()
             running.remove(job)
-            print(f"{run_dir}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode}, see train.log)'}",
-                  flush=True)
+            code = os.waitstatus_to_exitcode(status)
+            record_peak_rss(run_dir, usage.ru_maxrss / 2**20)
+            print(f"{run_dir}: {'done' if code == 0 else f'FAILED (exit {code}, see train.log)'}", flush=True)
+
+
+def record_peak_rss(run_dir: Path, gib: float) -> None:
+    """The largest peak RSS of the run's processes (a resumed run has several), in GiB."""
+    path = run_dir / "peak_rss.json"
+    previous = json.loads(path.read_text())["peak_rss_gib"] if path.exists() else 0.0
+    path.write_text(json.dumps({"peak_rss_gib": round(max(previous, gib), 3)}) + "\n")
 
 
 def summarise(run_dir: Path, protocol: str) -> dict | None:
@@ -144,12 +183,41 @@ def full_ranking_table(out: Path, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def recipe_table(rows: list[Row], out: Path, seeds: list[int]) -> str:
+    """Both protocols per recipe row: validation and test full-ranking NDCG@10, test Recall@10,
+    test sampled NDCG@10 / HR@10, seconds per training epoch and the run's peak RSS."""
+    hardware = provenance.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    lines = ["| row | data | seeds | best epoch | valid full NDCG@10 | test full NDCG@10 | test full Recall@10 "
+             "| test sampled NDCG@10 | test sampled HR@10 | s / epoch | peak RSS (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        dirs = [out / row.name / f"seed{seed}" for seed in seeds]
+        dirs = [d for d in dirs if (d / "results.json").exists()]
+        if not dirs:
+            continue
+        results = [json.loads((d / "results.json").read_text()) for d in dirs]
+        epochs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in dirs]
+        per_epoch = statistics.fmean(r["seconds"] for rows_ in epochs for r in rows_ if r["type"] == "train")
+        rss = [json.loads((d / "peak_rss.json").read_text())["peak_rss_gib"] for d in dirs
+               if (d / "peak_rss.json").exists()]
+        cells = [_spread([r[split][metric] for r in results]) for split, metric in
+                 (("valid", "full/NDCG@10"), ("test", "full/NDCG@10"), ("test", "full/Recall@10"),
+                  ("test", "sampled/NDCG@10"), ("test", "sampled/HR@10"))]
+        best = ", ".join(str(r["best_epoch"]) for r in results)
+        lines.append(f"| {row.name} | {row.data} | {len(dirs)} | {best} | {' | '.join(cells)} | {per_epoch:.1f} "
+                     f"| {f'{max(rss):.2f}' if rss else '–'} |")
+    lines.append(f"\nHardware: {hardware}, torch {torch.__version__}. Spread = half the range over seeds.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="Arguments after `--` go to every main.py run.")
     parser.add_argument("--ratings", type=Path, help="MovieLens-1M ratings.dat (or a part of it)")
     parser.add_argument("--video", type=Path, help="the SASRec paper's Video.txt ('user item' lines)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="seed",
+                        help="seed: the seed's model x LayerNorm x loss ablation; recipes: the training recipes")
     parser.add_argument("--rows", default="", help="comma-separated row-name prefixes (default: all rows)")
     parser.add_argument("--seeds", default="42,43", help="comma-separated training seeds")
     parser.add_argument("--epochs", type=int, default=200)
@@ -162,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:split])
     args.extra = argv[split + 1:]
     prefixes = [p for p in args.rows.split(",") if p]
-    rows = [r for r in all_rows() if not prefixes or any(r.name.startswith(p) for p in prefixes)]
+    rows = [r for r in GRIDS[args.grid]() if not prefixes or any(r.name.startswith(p) for p in prefixes)]
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.table:
         sources = {"ml1m": args.out / "ml-1m.txt", "video": args.video}
@@ -177,10 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                  args.out / row.name / f"seed{seed}")
                 for seed in seeds for row in rows if not (args.out / row.name / f"seed{seed}" / "results.json").exists()]
         run_all(jobs, args.parallel, args.threads)
-    text = table(rows, args.out, seeds)
-    full = full_ranking_table(args.out, seeds)
-    if full:
-        text += "\nFull ranking, BCE vs CE:\n\n" + full
+    if args.grid == "recipes":
+        text = recipe_table(rows, args.out, seeds)
+    else:
+        text = table(rows, args.out, seeds)
+        full = full_ranking_table(args.out, seeds)
+        if full:
+            text += "\nFull ranking, BCE vs CE:\n\n" + full
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text)
     print(text)

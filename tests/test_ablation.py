@@ -53,3 +53,26 @@ def test_runs_resumes_and_tabulates(tmp_path, capsys):
 def test_video_rows_need_the_file(tmp_path):
     with pytest.raises(SystemExit):
         ablation.main(["--out", str(tmp_path), "--rows", "video"])
+
+
+def test_recipe_grid_runs_and_tabulates_both_protocols_with_memory(tmp_path, capsys):
+    names = [row.name for row in ablation.recipe_rows()]
+    assert len(names) == len(set(names)) == 3 * len(ablation.RECIPES)
+    toy = write_interactions(tmp_path / "toy.txt", num_users=40, num_items=20, min_len=8)
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("".join(f"{u}::{i}::5::{t}\n" for u, i, t in (line.split() for line in toy.read_text().split("\n") if line)))
+    out = tmp_path / "recipes"
+    args = ["--grid", "recipes", "--ratings", str(ratings), "--out", str(out), "--rows", "sasrec-esasrec,sasrec-gbce",
+            "--seeds", "1", "--epochs", "1", "--eval_every", "1", "--threads", "1", *TINY,
+            "--num_negatives", "8"]
+    assert ablation.main(args) == 0
+    assert "FAILED" not in capsys.readouterr().out
+    lines = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| sasrec-")]
+    assert [line.split("|")[1].strip() for line in lines] == ["sasrec-gbce", "sasrec-esasrec"]
+    result = ablation.json.loads((out / "sasrec-esasrec" / "seed1" / "results.json").read_text())
+    cells = [c.strip() for c in lines[1].split("|")[1:-1]]
+    assert float(cells[5]) == pytest.approx(result["test"]["full/NDCG@10"], abs=1e-4)
+    assert float(cells[8]) == pytest.approx(result["test"]["sampled/HR@10"], abs=1e-4)
+    assert 0.05 < float(cells[10]) < 10  # the child's own peak RSS in GiB, not the parent's
+    config = (out / "sasrec-esasrec" / "seed1" / "config.yaml").read_text()
+    assert "block: ligr" in config and "loss: sampled_softmax" in config
