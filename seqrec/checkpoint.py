@@ -49,18 +49,35 @@ def save(state: dict, path: str | Path) -> None:
     _write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
+def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> None:
+    """A run file (config, results, rewritten metrics, the users' sequences) written like a checkpoint."""
+    _write_atomic(path, lambda f: f.write(data))
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """A small run file (config, results, rewritten metrics) written like a checkpoint."""
-    _write_atomic(path, lambda f: f.write(text.encode()))
+    write_bytes_atomic(path, text.encode())
+
+
+def resolve(path: str | Path) -> Path:
+    """What a `--checkpoint` names: a file as given, or a run directory's best.pt (its
+    latest.pt when no validation has written a best one yet)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in (BEST, LATEST):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: run directory holds no {BEST} or {LATEST}")
 
 
 def load(path: str | Path) -> dict:
-    """A checkpoint's state, always on the CPU.
+    """A checkpoint's state (`path` a file or a run directory, see `resolve`), always on the CPU.
 
     RNG states must stay CPU ByteTensors (``torch.set_rng_state`` takes nothing else), and
     weights and optimizer state move to their device as they are copied into the model and
     optimizer, so a device map here would only cost a second copy.
     """
+    path = resolve(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -23,7 +23,7 @@ from . import hostmem, provenance, tracking
 from .callbacks import Callback
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, DistConfig, TrainConfig, check_with_data, parse_config, to_dict
-from .data import DataError, SequenceTensors, load_sequences, resolve_path
+from .data import DataError, Sequences, SequenceTensors, load_sequences, resolve_path, sequences
 from .evaluate import evaluate, format_metrics
 from .models import Popularity, build_model
 from .preemption import Preempted
@@ -31,7 +31,7 @@ from .runlock import RunLock
 from .trainer import Trainer, TrainingError, log
 
 RUN_STATE_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json")
-RUN_FILES = (*RUN_STATE_FILES, "config.yaml", provenance.FILE, tracking.RUN_ID_FILE)
+RUN_FILES = (*RUN_STATE_FILES, "config.yaml", sequences.FILE, provenance.FILE, tracking.RUN_ID_FILE)
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -108,8 +108,9 @@ def claim_run(cfg: Config, run_dir: Path, lock: RunLock | None = None) -> dict |
     return outcome["state"]
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
-    """Create run_dir and write the run's config; `fresh` first removes an old run's files.
+def prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, seqs: Sequences) -> None:
+    """Create run_dir and write the run's config and the users' sequences (what recommending
+    and evaluating from the run dir read); `fresh` first removes an old run's files.
 
     Called only once the data, the model and any checkpoint have been checked, so a refused
     start leaves the old run as it was.
@@ -120,17 +121,20 @@ def prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
         ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ckpt.write_bytes_atomic(run_dir / sequences.FILE, seqs.to_bytes())
 
 
-def load_data(cfg: Config, device: torch.device) -> tuple[SequenceTensors, list[str]]:
-    seqs = load_sequences(cfg.data)
-    check_with_data(cfg, seqs.num_items, str(resolve_path(cfg.data)))
+def load_data(cfg: Config, device: torch.device, given: tuple[Sequences, str] | None = None
+              ) -> tuple[SequenceTensors, Sequences]:
+    """The run's data on `device`: read as cfg.data says, or `given` as (sequences, a name for
+    messages) by the Python API."""
+    seqs, source = given or (load_sequences(cfg.data), str(resolve_path(cfg.data)))
+    check_with_data(cfg, seqs.num_items, source)
     if cfg.model.time and seqs.times is None:
-        raise DataError(f"{resolve_path(cfg.data)}: TiSASRec needs timestamps and this file has none; use --no_time")
-    log(f"data {resolve_path(cfg.data)}: {seqs.num_users:,} users, {seqs.num_items:,} items, "
-        f"{len(seqs.items):,} interactions")
+        raise DataError(f"{source}: TiSASRec needs timestamps and this data has none; use --no_time")
+    log(f"data {source}: {seqs.num_users:,} users, {seqs.num_items:,} items, {len(seqs.items):,} interactions")
     data = SequenceTensors(seqs, cfg.model.maxlen, device, cfg.eval.eval_negatives, cfg.eval.eval_seed)
-    return data, [str(i) for i in seqs.item_ids]
+    return data, seqs
 
 
 def report_popularity(cfg: Config, data: SequenceTensors) -> None:
@@ -138,16 +142,17 @@ def report_popularity(cfg: Config, data: SequenceTensors) -> None:
     log(f"popularity baseline  test {format_metrics(metrics)}")
 
 
-def run_inference(cfg: Config, device: torch.device) -> dict:
+def run_inference(cfg: Config, device: torch.device, given: tuple[Sequences, str] | None = None) -> dict:
     """Evaluate a saved model on this data, with the model config stored in the checkpoint."""
     from .serve import load_weights, model_config  # the checkpoint checks `seqrec recommend` makes
     path = cfg.train.state_dict_path
     state = ckpt.load(path)
     cfg.model = model_config(state, path)
-    data, _ = load_data(cfg, device)
+    data, _ = load_data(cfg, device, given)
+    source = given[1] if given else resolve_path(cfg.data)
     model = build_model(cfg.model, data.num_items)
     load_weights(model, state, path, f"its model config and the {data.num_items} items of "
-                                     f"{resolve_path(cfg.data)}; was it trained on other data?")
+                                     f"{source}; was it trained on other data?")
     model.to(device)
     results = {}
     for split in ("valid", "test"):
@@ -156,9 +161,11 @@ def run_inference(cfg: Config, device: torch.device) -> dict:
     return results
 
 
-def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True) -> dict:
-    """Train (or only evaluate) as `cfg` says; `callbacks` watch the run (main rank), and
-    `test=False` never evaluates the test split (what the tuner runs)."""
+def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True,
+        data: tuple[Sequences, str] | None = None) -> dict:
+    """Train (or only evaluate) as `cfg` says; `callbacks` watch the run (main rank),
+    `test=False` never evaluates the test split (what the tuner runs), and `data` (sequences,
+    a name for messages) replaces reading cfg.data (the Python API's data frames)."""
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         hostmem.retain_freed_memory()
@@ -171,7 +178,7 @@ def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True) -> dict:
     try:
         configure_backends(cfg.train, device)
         if cfg.train.inference_only:
-            return run_inference(cfg, device)
+            return run_inference(cfg, device, data)
         if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and dist.active():
             raise ConfigError("--compile_mode reduce-overhead (CUDA graphs) cannot capture DDP's gradient "
                               "all-reduce; use --compile_mode default under torchrun")
@@ -180,11 +187,11 @@ def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True) -> dict:
         lock, started = RunLock(run_dir), False
         try:
             state = claim_run(cfg, run_dir, lock)
-            data, item_ids = load_data(cfg, device)
-            trainer = Trainer(cfg, data, device, run_dir, item_ids, callbacks)
+            data, seqs = load_data(cfg, device, data)
+            trainer = Trainer(cfg, data, device, run_dir, [str(i) for i in seqs.item_ids], callbacks)
             if state is not None:
                 trainer.resume(state)
-            prepare_run_dir(cfg, run_dir, fresh=state is None)
+            prepare_run_dir(cfg, run_dir, fresh=state is None, seqs=seqs)
             started = True
             if state is not None:
                 trainer.truncate_metrics()
@@ -248,7 +255,7 @@ def _tune(argv: list[str]) -> int:
 
 
 def _recommend(argv: list[str]) -> int:
-    from .serve import main as recommend_main
+    from .recommend import main as recommend_main
     return recommend_main(argv)
 
 

@@ -1,19 +1,24 @@
-"""Serving: top-k recommendations from a checkpoint, in the dataset's original ids.
+"""Serving: top-k recommendations from a trained run, in the dataset's original ids.
 
-A checkpoint carries the model config and the item-id mapping, so a trained model can
-be served without the training data: ``Recommender.from_checkpoint(path).recommend(...)``.
-``seqrec recommend`` does the same from the command line for users of a dataset file.
+A checkpoint carries the model config and the item-id mapping, and its run directory the
+users' sequences (``sequences.npz``, written when training starts), so a trained model
+serves known users and new histories without the training data:
+``Recommender.from_checkpoint(run_dir).recommend(["1", "7"])``. ``seqrec recommend``
+(seqrec/recommend.py) does the same from the command line, for a few users or all of them.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
+from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import DEVICE, ConfigError, ModelConfig, from_dict, validate
+from .config import ConfigError, DataConfig, ModelConfig, from_dict, validate
+from .data import sequences
+from .data.sequences import Sequences
 from .evaluate import mask_items
 from .models import build_model
 
@@ -49,20 +54,43 @@ def load_weights(model: torch.nn.Module, state: dict, path: str, built_for: str)
         raise ckpt.CheckpointError(f"{path}: weights do not fit {built_for} ({detail})") from None
 
 
+def _is_histories(users) -> bool:
+    """Whether `recommend` was called the old way, with histories (lists of item ids)."""
+    first = next(iter(users), None) if not isinstance(users, (str, bytes)) else None
+    return isinstance(first, (list, tuple, np.ndarray))
+
+
 class Recommender:
+    """A trained model ready to serve: top-k items for known users or for new histories, and
+    the items most like given ones, in the dataset's original ids.
+
+    Ids are matched as ``str(value)``: ``recommend(["1"])`` and ``recommend([1])`` find the
+    same integer user 1, and returned item ids are strings. Results are two arrays of shape
+    (len(users), k): item ids (object dtype) and float32 scores, best first; a row with fewer
+    than k eligible items ends in ids None and scores -inf.
+    """
+
     def __init__(self, model: torch.nn.Module, maxlen: int, item_ids: list[str], uses_time: bool,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", users: Sequences | None = None, config: dict | None = None):
         self.model = model.to(device).eval()
         self.maxlen, self.uses_time, self.device = maxlen, uses_time, torch.device(device)
         self.item_ids = list(item_ids)
         self.index = {item: i + 1 for i, item in enumerate(self.item_ids)}  # 0 is padding
+        self.users = users  # the run's known users and their whole histories (sequences.npz)
+        self.config = config  # the run's stored config (evaluate reads its eval settings)
+        self._ids = np.array([None, *self.item_ids], dtype=object)  # index -> id, padding -> None
+        self._user_row: dict[str, int] | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: torch.device | str = "cpu") -> Recommender:
-        return cls.from_state(ckpt.load(path), path, device)
+    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu") -> Recommender:
+        """The model of a run directory (its best.pt) or a checkpoint file, with the run's known
+        users when its directory holds them."""
+        path = ckpt.resolve(path)
+        return cls.from_state(ckpt.load(path), str(path), device, known_users(path))
 
     @classmethod
-    def from_state(cls, state: dict, path: str, device: torch.device | str = "cpu") -> Recommender:
+    def from_state(cls, state: dict, path: str, device: torch.device | str = "cpu",
+                   users: Sequences | None = None) -> Recommender:
         """The Recommender of a loaded checkpoint `state` (read from `path`, named in errors)."""
         item_ids = state.get("item_ids")
         if not isinstance(item_ids, (list, tuple)) or not item_ids:
@@ -70,10 +98,100 @@ class Recommender:
         cfg = model_config(state, path)
         model = build_model(cfg, len(item_ids))
         load_weights(model, state, path, f"its model config and its {len(item_ids)} item ids")
-        return cls(model, cfg.maxlen, [str(item) for item in item_ids], cfg.time, device)
+        item_ids = [str(item) for item in item_ids]
+        if users is not None and [str(i) for i in users.item_ids] != item_ids:
+            warnings.warn(f"{path}: the run directory's {sequences.FILE} belongs to other items; "
+                          f"known users are not available", stacklevel=3)
+            users = None
+        return cls(model, cfg.maxlen, item_ids, cfg.time, device, users, state.get("config"))
 
-    def _encode(self, histories: list[list[str]], times: list[list[int]] | None, strict: bool):
-        """Left-padded [B, maxlen] item (and time) tensors of the known items of each history.
+    # ---------------------------------------------------------------- requests
+    def recommend(self, users, k: int = 10, *args, exclude_seen: bool = True, exclude_items=None,
+                  allow_items=None, item_chunk: int = 65536, **legacy):
+        """Top-k items for known users (ids as in the training data), after their whole history.
+
+        ``exclude_seen`` removes every item of the user's history, not only the last maxlen;
+        ``exclude_items`` / ``allow_items`` (item ids; unknown ones are ignored) are applied
+        inside the top-k, so each row still holds k eligible items. Unknown users raise
+        KeyError naming them. Passing histories (lists of item ids) is the old form of
+        `recommend_histories`, kept for one release with a DeprecationWarning.
+        """
+        if _is_histories(users):
+            warnings.warn("Recommender.recommend(histories) is deprecated: use recommend_histories(histories), "
+                          "which returns (ids, scores) arrays", DeprecationWarning, stacklevel=2)
+            return self._legacy(users, k, *args, item_chunk=item_chunk, **legacy)
+        if args or legacy:
+            raise TypeError(f"recommend() got unexpected arguments {args or ''}{list(legacy) or ''}")
+        rows = self.user_rows(users)
+        batch, seen = self._known_inputs(rows, exclude_seen)
+        return self._rank(batch, seen, k, exclude_items, allow_items, item_chunk)
+
+    def recommend_histories(self, histories: Sequence[Sequence], k: int = 10, times: Sequence[Sequence] | None = None,
+                            exclude_seen: bool = True, exclude_items=None, allow_items=None, strict: bool = False,
+                            item_chunk: int = 65536):
+        """Top-k items after each history (item ids, oldest first), for users the run never saw.
+
+        TiSASRec models need the histories' unix timestamps in ``times``, one row per history
+        and one timestamp per item. Unknown item ids are dropped with a warning, or rejected
+        when ``strict``; the last maxlen known items are the model input and, with
+        ``exclude_seen``, every known item of the history is excluded.
+        """
+        if self.uses_time and times is None:
+            raise ValueError("this is a TiSASRec model: pass the histories' timestamps as times=")
+        known = self._map_histories(histories, times, strict)
+        batch = self._window(known)
+        seen = None
+        if exclude_seen:
+            seen = (np.repeat(np.arange(len(known)), [len(h) for h, _ in known]),
+                    np.fromiter((i for h, _ in known for i in h), dtype=np.int64))
+        return self._rank(batch, seen, k, exclude_items, allow_items, item_chunk)
+
+    @torch.no_grad()
+    def similar_items(self, items: Sequence, k: int = 10, item_chunk: int = 65536):
+        """The k items whose embeddings have the highest cosine similarity to each given item
+        (the item itself excluded); unknown item ids raise KeyError naming them."""
+        missing = [str(i) for i in items if str(i) not in self.index]
+        if missing:
+            raise KeyError(f"item(s) not in the catalogue: {', '.join(missing[:5])}")
+        query = torch.tensor([self.index[str(i)] for i in items], dtype=torch.long, device=self.device)
+        weight = self.model.item_emb.weight.float()
+        unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        seen = (np.arange(len(query)), query.cpu().numpy())
+        return self._top_k(unit[query], lambda h, chunk: h @ unit[chunk].t(), seen, k, None, item_chunk)
+
+    # ---------------------------------------------------------------- known users
+    def user_rows(self, users) -> np.ndarray:
+        """Rows of `users` (ids matched as str) in the run's sequences; KeyError names unknown ones."""
+        if self.users is None:
+            raise KeyError(f"no known users: the run directory has no {sequences.FILE} "
+                           f"(use recommend_histories, or seqrec recommend --data_path)")
+        if self._user_row is None:
+            self._user_row = {str(u): r for r, u in enumerate(self.users.user_ids)}
+        users = [str(u) for u in users]
+        missing = [u for u in users if u not in self._user_row]
+        if missing:
+            raise KeyError(f"user(s) not in the training data: {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        return np.array([self._user_row[u] for u in users], dtype=np.int64)
+
+    def _known_inputs(self, rows: np.ndarray, exclude_seen: bool):
+        """The model input (last maxlen items and times) of known users' rows, and their
+        whole histories as (row, item) pairs when seen items are excluded."""
+        seqs = self.users
+        items, times = seqs.window(rows, seqs.offsets[rows + 1], self.maxlen)
+        batch = {"items": torch.as_tensor(items, device=self.device)}
+        if self.uses_time:
+            batch["times"] = torch.as_tensor(times, device=self.device)
+        if not exclude_seen:
+            return batch, None
+        lengths = seqs.lengths[rows]
+        starts = np.repeat(seqs.offsets[rows] - np.cumsum(lengths) + lengths, lengths)
+        flat = starts + np.arange(lengths.sum())
+        return batch, (np.repeat(np.arange(len(rows)), lengths), seqs.items[flat])
+
+    # ---------------------------------------------------------------- new histories
+    def _map_histories(self, histories, times, strict: bool) -> list[tuple[list[int], list[int]]]:
+        """Each history's known item indices and their timestamps.
 
         A times row must pair every item with its timestamp: zip() would silently cut the
         longer of the two, dropping the history's newest items."""
@@ -84,142 +202,118 @@ class Recommender:
                 if len(stamps) != len(history):
                     raise ValueError(f"times row {row} has {len(stamps)} timestamps for the {len(history)} items "
                                      f"of history {row}")
-        items = torch.zeros(len(histories), self.maxlen, dtype=torch.long)
-        stamps = torch.zeros_like(items)
+        out = []
         for row, history in enumerate(histories):
-            known = [(self.index[str(item)], t) for item, t in
-                     zip(history, times[row] if times is not None else [0] * len(history))
-                     if str(item) in self.index]
+            stamps = times[row] if times is not None else [0] * len(history)
+            known = [(self.index[str(item)], int(t)) for item, t in zip(history, stamps) if str(item) in self.index]
             if len(known) < len(history):
                 message = f"history {row}: {len(history) - len(known)} unknown item id(s) dropped"
                 if strict:
                     raise ValueError(message)
-                warnings.warn(message, stacklevel=3)
-            known = known[-self.maxlen:]
-            if known:
-                items[row, -len(known):] = torch.tensor([i for i, _ in known])
-                stamps[row, -len(known):] = torch.tensor([t for _, t in known])
+                warnings.warn(message, stacklevel=4)
+            out.append(([i for i, _ in known], [t for _, t in known]))
+        return out
+
+    def _window(self, known: list[tuple[list[int], list[int]]]) -> dict:
+        """Left-padded [B, maxlen] item (and time) tensors of the last maxlen known items."""
+        items = torch.zeros(len(known), self.maxlen, dtype=torch.long)
+        stamps = torch.zeros_like(items)
+        for row, (history, times) in enumerate(known):
+            history, times = history[-self.maxlen:], times[-self.maxlen:]
+            if history:
+                items[row, -len(history):] = torch.tensor(history)
+                stamps[row, -len(history):] = torch.tensor(times)
         batch = {"items": items.to(self.device)}
         if self.uses_time:
             batch["times"] = stamps.to(self.device)
         return batch
 
-    @torch.no_grad()
-    def recommend(self, histories: list[list[str]], k: int = 10, exclude_seen: bool = True,
-                  times: list[list[int]] | None = None, strict: bool = False,
-                  item_chunk: int = 65536) -> list[list[tuple[str, float]]]:
-        """The k highest-scoring items (original id, score) after each history (oldest first).
+    def _legacy(self, histories, k: int = 10, exclude_seen: bool = True, times=None, strict: bool = False,
+                item_chunk: int = 65536) -> list[list[tuple[str, float]]]:
+        """The old recommend(histories): per history, a list of (item id, score)."""
+        ids, scores = self.recommend_histories(histories, k, times, exclude_seen, strict=strict, item_chunk=item_chunk)
+        return [[(i, float(s)) for i, s in zip(row_ids, row_scores) if i is not None]
+                for row_ids, row_scores in zip(ids, scores)]
 
-        TiSASRec models need the histories' unix timestamps in ``times``, one row per history
-        and one timestamp per item. Unknown item ids are dropped with a warning, or rejected
-        when ``strict``. Items are scored `item_chunk` ids at a time, so memory is request
-        batch x chunk at any catalogue size.
-        """
-        if self.uses_time and times is None:
-            raise ValueError("this is a TiSASRec model: pass the histories' timestamps as times=")
+    # ---------------------------------------------------------------- ranking
+    @torch.no_grad()
+    def _rank(self, batch: dict, seen, k: int, exclude_items, allow_items, item_chunk: int):
+        hidden = self.model(batch)[:, -1]
+        return self._top_k(hidden, lambda h, chunk: self.model.score_all(h, chunk), seen, k,
+                           self._eligible(exclude_items, allow_items), item_chunk)
+
+    def _eligible(self, exclude_items, allow_items) -> torch.Tensor | None:
+        """[num_items + 1] bool: which items may be recommended (None: all but padding)."""
+        if exclude_items is None and allow_items is None:
+            return None
+        eligible = torch.zeros(len(self.item_ids) + 1, dtype=torch.bool) if allow_items is not None else \
+            torch.ones(len(self.item_ids) + 1, dtype=torch.bool)
+        if allow_items is not None:
+            eligible[[self.index[str(i)] for i in allow_items if str(i) in self.index]] = True
+        if exclude_items is not None:
+            eligible[[self.index[str(i)] for i in exclude_items if str(i) in self.index]] = False
+        return eligible.to(self.device)
+
+    def _top_k(self, hidden: torch.Tensor, scorer, seen, k: int, eligible: torch.Tensor | None, chunk: int):
+        """Top-k (ids, scores) over the catalogue, merged chunk by chunk: each chunk's own top k
+        joins the running top k, so only [B, chunk] scores exist at a time. Padding (id 0),
+        the `seen` (row, item index) pairs and items not `eligible` score -inf."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        if item_chunk < 1:
-            raise ValueError(f"item_chunk must be at least 1, got {item_chunk}")
-        batch = self._encode(histories, times, strict)
-        values, indices = self._top_k(self.model(batch)[:, -1], batch["items"] if exclude_seen else None,
-                                      min(k, len(self.item_ids)), item_chunk)
-        return [[(self.item_ids[i - 1], s) for i, s in zip(idx.tolist(), val.tolist()) if s != float("-inf")]
-                for idx, val in zip(indices, values)]
-
-    def _top_k(self, hidden: torch.Tensor, seen: torch.Tensor | None, k: int,
-               chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k scores and item ids over the catalogue, merged chunk by chunk: each chunk's own
-        top k joins the running top k, so only [B, chunk] scores exist at a time. Padding
-        (id 0) and the `seen` ids [B, L] (0 = none) score -inf."""
-        width = len(self.item_ids) + 1
-        pairs = None  # (row, item id) of every seen item, found once for all chunks
-        if seen is not None:
-            rows, slots = seen.nonzero(as_tuple=True)  # 0 is padding, not an item
-            pairs = rows, seen[rows, slots]
+        if chunk < 1:
+            raise ValueError(f"item_chunk must be at least 1, got {chunk}")
+        k, width = min(k, len(self.item_ids)), len(self.item_ids) + 1
+        pairs = None if seen is None else tuple(torch.as_tensor(a, dtype=torch.long, device=hidden.device)
+                                                for a in seen)
         values = hidden.new_empty(len(hidden), 0, dtype=torch.float32)
         indices = torch.empty(len(hidden), 0, dtype=torch.long, device=hidden.device)
         for start in range(0, width, chunk):
-            scores = self.model.score_all(hidden, slice(start, min(start + chunk, width))).float()
+            part = slice(start, min(start + chunk, width))
+            scores = scorer(hidden, part).float()
             if start == 0:
                 scores[:, 0] = float("-inf")
+            if eligible is not None:
+                scores.masked_fill_(~eligible[part], float("-inf"))
             if pairs is not None:
                 mask_items(scores, *pairs, start)
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             values, indices = torch.cat([values, top.values], 1), torch.cat([indices, top.indices + start], 1)
             keep = values.topk(min(k, values.shape[1]), dim=1)
             values, indices = keep.values, indices.gather(1, keep.indices)
-        return values, indices
+        values, indices = values.cpu().numpy(), indices.cpu().numpy()
+        ids = self._ids[np.where(np.isneginf(values), 0, indices)]
+        return ids, values.astype(np.float32)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, data=None, splits: tuple[str, ...] = ("valid", "test")) -> dict:
+        """The run's validation and test metrics under both protocols, with its evaluation
+        settings: on the data it was trained on (the run directory's sequences), or on `data`
+        (anything `seqrec.fit` takes, with the same items)."""
+        from .data import SequenceTensors
+        from .evaluate import evaluate
+        if self.config is None:
+            raise ValueError("this model carries no run config to evaluate with (made by hand?)")
+        cfg = from_dict(self.config)
+        seqs = self.users if data is None else sequences_of(data, cfg.data)[0]
+        if seqs is None:
+            raise ValueError(f"the run directory has no {sequences.FILE}: pass the training data, evaluate(data)")
+        if [str(i) for i in seqs.item_ids] != self.item_ids:
+            raise ValueError(f"the data's {seqs.num_items:,} items are not the model's {len(self.item_ids):,}; "
+                             f"was it trained on other data?")
+        tensors = SequenceTensors(seqs, self.maxlen, self.device, cfg.eval.eval_negatives, cfg.eval.eval_seed)
+        return {split: evaluate(self.model, tensors.splits[split], cfg.eval, tensors.num_items) for split in splits}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`seqrec recommend --checkpoint CKPT --data_path FILE --user ID [-k 10]`: users' histories from FILE."""
-    parser = argparse.ArgumentParser(prog="seqrec recommend", description=main.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="best.pt or latest.pt of a run")
-    parser.add_argument("--data_path", help="interactions file holding the users' histories "
-                                            "(default: the checkpoint's training data)")
-    parser.add_argument("--user", action="append", default=[], help="user id (repeatable)")
-    parser.add_argument("--users_file", help="file with one user id per line")
-    parser.add_argument("-k", type=int, default=10, help="recommendations per user")
-    parser.add_argument("--include_seen", action="store_true", help="allow items already in the history")
-    parser.add_argument("--item_chunk", type=int, default=65536,
-                        help="item ids scored at a time (memory: users x chunk scores)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    args = parser.parse_args(argv)
-    from .data import DataError, load_sequences, resolve_path
-    try:
-        for flag, value in (("-k", args.k), ("--item_chunk", args.item_chunk)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}")
-        check_device(args.device)
-        state = ckpt.load(args.checkpoint)
-        rec = Recommender.from_state(state, args.checkpoint, args.device)
-        data_cfg = from_dict({"data": state["config"].get("data") or {}}, f"{args.checkpoint}: config").data
-        if args.data_path:
-            data_cfg.data_path, data_cfg.dataset = args.data_path, None
-        users = list(args.user)
-        if args.users_file:
-            users += read_user_ids(args.users_file)
-        if not users:
-            raise ConfigError("give --user ID or --users_file FILE")
-        seqs = load_sequences(data_cfg)
-        if rec.uses_time and seqs.times is None:
-            raise DataError(f"{resolve_path(data_cfg)}: this TiSASRec model needs timestamps and the file has none")
-        row_of = {u: i for i, u in enumerate(seqs.user_ids)}
-        missing = [u for u in users if u not in row_of]
-        if missing:
-            raise ConfigError(f"user(s) not in the data: {', '.join(missing[:5])}")
-        spans = [slice(seqs.offsets[row_of[u]], seqs.offsets[row_of[u] + 1]) for u in users]
-        histories = [[seqs.item_ids[i - 1] for i in seqs.items[s]] for s in spans]
-        times = [seqs.times[s].tolist() for s in spans] if rec.uses_time else None
-        for user, recs in zip(users, rec.recommend(histories, args.k, not args.include_seen, times,
-                                                     item_chunk=args.item_chunk)):
-            print(f"{user}\t" + " ".join(f"{item}:{score:.3f}" for item, score in recs))
-    except (ConfigError, DataError, ckpt.CheckpointError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def known_users(checkpoint: Path) -> Sequences | None:
+    """The sequences beside a checkpoint in its run directory, when it holds them."""
+    path = checkpoint.parent / sequences.FILE
+    return Sequences.load(path) if path.is_file() else None
 
 
-def read_user_ids(path: str) -> list[str]:
-    """The non-blank lines of a users file, or ConfigError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read user ids ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: cannot read user ids (not UTF-8 text)") from None
-
-
-def check_device(device: str) -> None:
-    """A device this machine has: the string a config allows, and CUDA only where it is
-    available (else torch fails in the model's .to(), which reads as a broken checkpoint)."""
-    if not DEVICE.fullmatch(device):
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+def sequences_of(data, d: DataConfig) -> tuple[Sequences, str]:
+    """(sequences, a name for messages) of `data` in any form `seqrec.fit` takes, read with
+    the run's column names and filtered with its count thresholds."""
+    from .data import build_sequences
+    from .data.frames import interactions_from
+    interactions = interactions_from(data, user_col=d.user_col, item_col=d.item_col, time_col=d.time_col)
+    return build_sequences(interactions, d.min_user_count, d.min_item_count), interactions.path
