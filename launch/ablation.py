@@ -185,7 +185,8 @@ def full_ranking_table(out: Path, seeds: list[int]) -> str:
 
 def recipe_table(rows: list[Row], out: Path, seeds: list[int]) -> str:
     """Both protocols per recipe row: validation and test full-ranking NDCG@10, test Recall@10,
-    test sampled NDCG@10 / HR@10, seconds per training epoch and the run's peak RSS."""
+    test sampled NDCG@10 / HR@10, the median seconds per training epoch (robust to a shared machine) and
+    the run's peak RSS."""
     hardware = provenance.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     lines = ["| row | data | seeds | best epoch | valid full NDCG@10 | test full NDCG@10 | test full Recall@10 "
              "| test sampled NDCG@10 | test sampled HR@10 | s / epoch | peak RSS (GiB) |",
@@ -197,7 +198,7 @@ def recipe_table(rows: list[Row], out: Path, seeds: list[int]) -> str:
             continue
         results = [json.loads((d / "results.json").read_text()) for d in dirs]
         epochs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in dirs]
-        per_epoch = statistics.fmean(r["seconds"] for rows_ in epochs for r in rows_ if r["type"] == "train")
+        per_epoch = statistics.median(r["seconds"] for rows_ in epochs for r in rows_ if r["type"] == "train")
         rss = [json.loads((d / "peak_rss.json").read_text())["peak_rss_gib"] for d in dirs
                if (d / "peak_rss.json").exists()]
         cells = [_spread([r[split][metric] for r in results]) for split, metric in

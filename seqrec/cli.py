@@ -20,7 +20,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import hostmem, provenance, tracking
-from .callbacks import Callback
+from .callbacks import Callback, CompositeGain
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, DistConfig, TrainConfig, check_with_data, parse_config, to_dict
 from .data import DataError, Sequences, SequenceTensors, load_sequences, resolve_path, sequences
@@ -78,7 +78,7 @@ def claim_run(cfg: Config, run_dir: Path, lock: RunLock | None = None) -> dict |
     is progress. A directory counts as holding a run when it has a checkpoint, metrics or
     results, not only latest.pt (a run killed between two saves leaves best.pt alone).
     """
-    t = cfg.train
+    t = cfg.run
     if dist.elastic_restart():
         if not t.resume:
             log("torchrun restarted the workers: resuming from the latest checkpoint")
@@ -145,7 +145,7 @@ def report_popularity(cfg: Config, data: SequenceTensors) -> None:
 def run_inference(cfg: Config, device: torch.device, given: tuple[Sequences, str] | None = None) -> dict:
     """Evaluate a saved model on this data, with the model config stored in the checkpoint."""
     from .serve import load_weights, model_config  # the checkpoint checks `seqrec recommend` makes
-    path = cfg.train.state_dict_path
+    path = cfg.run.state_dict_path
     state = ckpt.load(path)
     cfg.model = model_config(state, path)
     data, _ = load_data(cfg, device, given)
@@ -177,13 +177,14 @@ def run(cfg: Config, callbacks: list[Callback] = (), test: bool = True,
         log(f"note: --master_port {cfg.dist.master_port} is ignored: the launcher set MASTER_PORT={os.environ.get('MASTER_PORT')}")
     try:
         configure_backends(cfg.train, device)
-        if cfg.train.inference_only:
+        if cfg.run.inference_only:
             return run_inference(cfg, device, data)
         if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and dist.active():
             raise ConfigError("--compile_mode reduce-overhead (CUDA graphs) cannot capture DDP's gradient "
                               "all-reduce; use --compile_mode default under torchrun")
         run_dir = run_dir_of(cfg)
-        callbacks = [*tracking.from_config(cfg, run_dir), *callbacks]  # trackers first: they see every row
+        callbacks = [*tracking.from_config(cfg, run_dir), *callbacks, *dist.fault_from_env()]  # trackers first: they see every row
+        callbacks += [CompositeGain()] if cfg.model.mhc else []  # mHC's gain in every valid row
         lock, started = RunLock(run_dir), False
         try:
             state = claim_run(cfg, run_dir, lock)
@@ -265,7 +266,7 @@ def _export(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from .bench import main as bench_main
+    from .tools.bench import main as bench_main  # imported here: training never loads seqrec.tools
     return bench_main(argv)
 
 

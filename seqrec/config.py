@@ -9,7 +9,9 @@ recipe, seqrec/presets/NAME.yaml) < the demo preset (only when no data is given)
 demo sets only the data, the run directory and the run's size, a recipe only the model and
 its training.
 Flag names are the seed's flat names (``--hidden_units``); the tree only groups
-them, so every leaf name is unique across sections.
+them, so every leaf name is unique across sections. A field declares the rules its value
+must meet beside its help (its section's validate() checks them); the rules that tie
+fields together are one pass, check_combinations, and validate(cfg) runs both.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numbers
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,52 +37,100 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 BLOCKS = ("post", "pre", "ligr")
 PRESETS = importlib.resources.files("seqrec") / "presets"  # package data: the named recipes and the demo
 DEMO_PRESET = PRESETS / "demo.yaml"  # launch/configs/ mirrors it
+_INT64 = 2**63
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")  # the devices the trainer and `seqrec recommend` run on
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message is one line meant for the user."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field whose help text doubles as CLI help and documentation."""
+@dataclass(frozen=True)
+class Rule:
+    """A condition one field's value must meet, and how its error says so:
+    '<field> must be <must_be>, got <value>'. An empty optional field (None) means "the
+    default behaviour" and meets every rule."""
+    holds: Callable[[Any], bool]
+    must_be: str
+    got: str = ", got"
+
+    def check(self, name: str, value: Any) -> None:
+        if value is not None and not self.holds(value):
+            shown = _quote(value) if isinstance(value, str) else value
+            raise ConfigError(f"{name} must be {self.must_be}{self.got} {shown}")
+
+
+def one_of(allowed: tuple[str, ...]) -> Rule:
+    """The rule of a field that names one of a fixed set of choices (its error lists them)."""
+    return Rule(lambda value: value in allowed, f"one of {', '.join(allowed)}", got="; got")
+
+
+POSITIVE = Rule(lambda value: value > 0, "positive")
+NON_NEGATIVE = Rule(lambda value: value >= 0, ">= 0")
+PROBABILITY = Rule(lambda value: 0 <= value < 1, "in [0, 1)")  # dropout: 1 would drop everything
+# seqrec.losses' registry (LOSSES and any loss a user registered), read when checked: the losses
+# import torch and the data layer, which imports this module.
+REGISTERED_LOSS = Rule(lambda value: value in importlib.import_module("seqrec.losses").LOSSES,
+                       f"one of {', '.join(LOSSES)} or a loss registered with seqrec.losses.register", got="; got")
+SEED = Rule(lambda value: 0 <= value < _INT64, "in [0, 2**63)")  # hashed as int64, given to torch.manual_seed
+
+
+def opt(default: Any, help: str, *rules: Rule) -> Any:
+    """A dataclass field whose help text doubles as CLI help and documentation, and whose
+    rules its section's validate() checks."""
+    metadata = {"help": help, "rules": rules}
     if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Section:
+    """The base of every config section: validation lives with the fields it checks."""
+
+    def validate(self) -> None:
+        """Check each field alone, by the rules declared beside it; the rules on how fields
+        combine, within a section or across sections, are in check_combinations."""
+        for f in dataclasses.fields(self):
+            for rule in f.metadata["rules"]:
+                rule.check(f.name, getattr(self, f.name))
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     dataset: str | None = opt(None, "dataset name: reads data/<name>.txt ('demo' = the embedded demo data)")
     data_path: str | None = opt(None, "path to any interactions file (ratings.dat, 'user item [timestamp]' text or CSV)")
     user_col: str | None = opt(None, "CSV column holding user ids (default: found by name)")
     item_col: str | None = opt(None, "CSV column holding item ids (default: found by name)")
     time_col: str | None = opt(None, "CSV column holding timestamps (default: found by name)")
-    min_user_count: int = opt(0, "drop users with fewer interactions (one pass, as SASRec's preprocessing)")
-    min_item_count: int = opt(0, "drop items with fewer interactions (one pass, as SASRec's preprocessing)")
-    num_workers: int = opt(3, "accepted for seed compatibility; batches are sliced from device tensors, so no loader workers run")
+    min_user_count: int = opt(0, "drop users with fewer interactions (one pass, as SASRec's preprocessing)",
+                              NON_NEGATIVE)
+    min_item_count: int = opt(0, "drop items with fewer interactions (one pass, as SASRec's preprocessing)",
+                              NON_NEGATIVE)
+    num_workers: int = opt(3, "accepted for seed compatibility and ignored: batches are sliced from device tensors, "
+                              "so no loader workers run", NON_NEGATIVE)
 
 
 @dataclass
-class ModelConfig:
-    maxlen: int = opt(200, "maximum sequence length (the most recent items are kept)")
-    hidden_units: int = opt(50, "embedding and hidden size d")
-    num_blocks: int = opt(2, "number of transformer blocks")
-    num_heads: int = opt(2, "attention heads (must divide hidden_units)")
-    dropout_rate: float = opt(0.2, "dropout on embeddings and sub-layer outputs")
+class ModelConfig(Section):
+    maxlen: int = opt(200, "maximum sequence length (the most recent items are kept)", POSITIVE)
+    hidden_units: int = opt(50, "embedding and hidden size d", POSITIVE)
+    num_blocks: int = opt(2, "number of transformer blocks", POSITIVE)
+    num_heads: int = opt(2, "attention heads (must divide hidden_units)", POSITIVE)
+    dropout_rate: float = opt(0.2, "dropout on embeddings and sub-layer outputs", PROBABILITY)
     attention_dropout: float = opt(0.0, "dropout on attention weights as in the reference ports "
-                                        "(0 keeps PyTorch's fused CPU attention kernel, ~5x faster)")
+                                        "(0 keeps PyTorch's fused CPU attention kernel, ~5x faster)", PROBABILITY)
     block: str = opt("post", f"transformer block: {'|'.join(BLOCKS)} (post: LayerNorm after each residual sum, as the "
                              "SASRec port; pre: before each sub-layer; ligr: pre-LN, a learned sigmoid gate on each "
-                             "sub-layer's output and a SwiGLU FFN, eSASRec's LiGR layer)")
+                             "sub-layer's output and a SwiGLU FFN, eSASRec's LiGR layer)", one_of(BLOCKS))
     ffn_mult: int = opt(1, "feed-forward hidden width = ffn_mult x hidden_units (1 = the SASRec port's d -> d; "
-                           "eSASRec's LiGR uses 4)")
+                           "eSASRec's LiGR uses 4)", POSITIVE)
     time: bool = opt(True, "TiSASRec time-interval-aware attention (--no_time = SASRec)")
-    time_span: int = opt(100, "largest time interval bucket (intervals are clipped to it)")
-    time_unit: str = opt("hour", f"interval unit: {'|'.join(TIME_UNITS)}")
+    time_span: int = opt(100, "largest time interval bucket (intervals are clipped to it)", POSITIVE)
+    time_unit: str = opt("hour", f"interval unit: {'|'.join(TIME_UNITS)}", one_of(TIME_UNITS))
     mhc: bool = opt(True, "mHC residual: Sinkhorn-constrained hyper-connections (--no_mhc = plain residual)")
-    mhc_expansion_rate: int = opt(4, "mHC residual streams n")
-    mhc_sinkhorn_iter: int = opt(20, "Sinkhorn-Knopp iterations for H_res")
-    mhc_init_gate: float = opt(0.01, "initial value of the mHC gates alpha")
+    mhc_expansion_rate: int = opt(4, "mHC residual streams n", POSITIVE, Rule(lambda value: value <= 8, "in 1..8"))
+    mhc_sinkhorn_iter: int = opt(20, "Sinkhorn-Knopp iterations for H_res", POSITIVE)
+    mhc_init_gate: float = opt(0.01, "initial value of the mHC gates alpha", NON_NEGATIVE)
     mhc_no_amp: bool = opt(False, "keep the whole mHC path (coefficients and stream mixing) in fp32 under AMP")
     mhc_native: bool = opt(True, "on CPU, run mHC's per-token work (coefficients, Sinkhorn, mixing, post-LN update, "
                                  "collapse) in a C kernel compiled on first use with $CC (same numbers; PyTorch ops "
@@ -87,46 +138,57 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     train_dir: str | None = opt(None, "run directory for config, metrics and checkpoints "
                                       "(default: runs/<dataset name or data file stem>)")
-    batch_size: int = opt(128, "global batch size (users per step, split evenly over ranks)")
-    grad_accum_steps: int = opt(1, "micro-batches per rank and step (the global batch stays --batch_size)")
+    batch_size: int = opt(128, "global batch size (users per step, split evenly over ranks)", POSITIVE)
+    grad_accum_steps: int = opt(1, "micro-batches per rank and step (the global batch stays --batch_size)", POSITIVE)
     length_buckets: int = opt(0, "split each micro-batch into this many groups of similar history length, each cut "
                                  "to its longest history (same gradient, less padding; 1 = off; 0 = auto: 8 on "
-                                 "CPU, 1 on CUDA)")
-    lr: float = opt(0.001, "peak learning rate (Adam, betas 0.9/0.98)")
-    lr_decay_step: int = opt(1000, "multiply the LR by lr_decay_rate every this many epochs")
-    lr_decay_rate: float = opt(0.95, "step-decay factor")
-    warmup_steps: int = opt(100, "linear warmup steps (0 = none)")
-    l2_emb: float = opt(0.0, "L2 penalty on the item embedding (times its squared norm)")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
-    num_epochs: int = opt(1000, "training epochs")
-    loss: str = opt("bce", f"training loss: {'|'.join(LOSSES)} (ce = full softmax over all items)")
+                                 "CPU, 1 on CUDA)", NON_NEGATIVE)
+    lr: float = opt(0.001, "peak learning rate (Adam, betas 0.9/0.98)", POSITIVE)
+    lr_decay_step: int = opt(1000, "multiply the LR by lr_decay_rate every this many epochs", POSITIVE)
+    lr_decay_rate: float = opt(0.95, "step-decay factor", Rule(lambda value: 0 < value <= 1, "in (0, 1]"))
+    warmup_steps: int = opt(100, "linear warmup steps (0 = none)", NON_NEGATIVE)
+    l2_emb: float = opt(0.0, "L2 penalty on the item embedding (times its squared norm)", NON_NEGATIVE)
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)", NON_NEGATIVE)
+    num_epochs: int = opt(1000, "training epochs", POSITIVE)
+    loss: str = opt("bce", f"training loss: {'|'.join(LOSSES)} (ce = full softmax over all items)", REGISTERED_LOSS)
     num_negatives: int = opt(0, "sampled negatives per position (0 = the loss's default: bce 1, gbce 256, "
-                                "sampled_softmax 256)")
+                                "sampled_softmax 256)", NON_NEGATIVE)
     shared_negatives: bool = opt(False, "sampled losses: one set of num_negatives items for the whole step, scored "
                                         "with one matmul, instead of a set per position")
     logq: bool = opt(False, "sampled_softmax: draw negatives in proportion to training popularity and subtract "
                             "log q from the logits (logQ correction)")
-    gbce_t: float = opt(0.75, "gBCE calibration t in [0, 1] (0 = plain BCE)")
-    ce_chunk_size: int = opt(8192, "items per chunk of the full cross-entropy (bounds its memory)")
-    seed: int = opt(42, "seed for initialisation, data order, negatives and dropout")
-    eval_every: int = opt(20, "validate every this many epochs (and after the last)")
-    early_stop_patience: int = opt(0, "stop after this many validations without improvement (0 = off)")
-    device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    amp: str = opt("auto", f"mixed precision: {'|'.join(AMP_MODES)} (auto = bf16 on Ampere+, fp16 on older CUDA, off on CPU)")
+    gbce_t: float = opt(0.75, "gBCE calibration t in [0, 1] (0 = plain BCE)",
+                        Rule(lambda value: 0 <= value <= 1, "in [0, 1]"))
+    ce_chunk_size: int = opt(8192, "items per chunk of the full cross-entropy (bounds its memory)", POSITIVE)
+    seed: int = opt(42, "seed for initialisation, data order, negatives and dropout", SEED)
+    eval_every: int = opt(20, "validate every this many epochs (and after the last)", POSITIVE)
+    early_stop_patience: int = opt(0, "stop after this many validations without improvement (0 = off)", NON_NEGATIVE)
+    device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)",
+                             Rule(lambda value: DEVICE.fullmatch(value) is not None, "cpu, cuda or cuda:N"))
+    amp: str = opt("auto", f"mixed precision: {'|'.join(AMP_MODES)} (auto = bf16 on Ampere+, fp16 on older CUDA, off on CPU)",
+                   one_of(AMP_MODES))
     compile: bool = opt(False, "torch.compile the training forward and loss as one graph (for GPUs; on CPU it was "
                                "measured slower, see docs/PERFORMANCE.md)")
     compile_mode: str = opt("default", f"torch.compile mode with --compile: {'|'.join(COMPILE_MODES)} "
-                                       "(reduce-overhead = CUDA graphs, one process only)")
+                                       "(reduce-overhead = CUDA graphs, one process only)", one_of(COMPILE_MODES))
     tf32: bool = opt(True, "CUDA: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa inputs, "
                            "fp32 accumulation)")
     deterministic: bool = opt(False, "deterministic algorithms (torch.use_deterministic_algorithms, "
                                      "CUBLAS_WORKSPACE_CONFIG=:4096:8; slower on GPU, see docs/DISTRIBUTED_TRAINING.md)")
-    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
-    log_every: int = opt(50, "steps between loss/throughput log rows")
-    save_every_steps: int = opt(0, "also write latest.pt every this many steps, mid-epoch (0 = at epoch ends only)")
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient", POSITIVE)
+    log_every: int = opt(50, "steps between loss/throughput log rows", POSITIVE)
+    save_every_steps: int = opt(0, "also write latest.pt every this many steps, mid-epoch (0 = at epoch ends only)",
+                                NON_NEGATIVE)
+
+
+@dataclass
+class RunConfig(Section):
+    """What this launch does with the run directory: switches of one command line, not settings
+    of the model or its training (a resumed run is the same run). Config files and checkpoints
+    written before this section existed hold them under train (see FORMER_SECTIONS)."""
     resume: bool = opt(False, "continue the run in train_dir from its latest checkpoint "
                               "(implied after a torchrun --max-restarts restart)")
     overwrite: bool = opt(False, "start afresh in a train_dir that already holds checkpoints")
@@ -135,29 +197,31 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    eval_negatives: int = opt(100, "negatives per user in the sampled protocol")
-    eval_seed: int = opt(0, "seed of the sampled-protocol negatives (shared by all runs, independent of --seed)")
+class EvalConfig(Section):
+    eval_negatives: int = opt(100, "negatives per user in the sampled protocol", POSITIVE)
+    eval_seed: int = opt(0, "seed of the sampled-protocol negatives (shared by all runs, independent of --seed)", SEED)
     eval_batch_size: int = opt(0, "users per evaluation batch (0: 512 on GPU, 64 on CPU, where larger batches' "
                                   "activations exceed malloc's 32 MB mmap threshold and are page-faulted in again "
-                                  "every batch)")
-    topk: list = opt([1, 5, 10, 20], "cut-offs K for full-ranking Recall/NDCG/MRR")
+                                  "every batch)", NON_NEGATIVE)
+    topk: list = opt([1, 5, 10, 20], "cut-offs K for full-ranking Recall/NDCG/MRR",
+                     Rule(lambda value: bool(value) and min(value) > 0, "positive integers"))
     mask_history: bool = opt(False, "full ranking: exclude the user's history from the ranking (papers: off)")
     eval_item_chunk: int = opt(65536, "full ranking: score at most this many items at a time (memory: eval_batch_size "
-                                      "x chunk floats; large catalogues take two passes over the chunks)")
+                                      "x chunk floats; large catalogues take two passes over the chunks)", POSITIVE)
     select_metric: str = opt("sampled/NDCG@10", "validation metric for best checkpoint and early stopping")
 
 
 @dataclass
-class DistConfig:
+class DistConfig(Section):
     multi_gpu: bool = opt(False, "require a torchrun environment and train with DistributedDataParallel")
     backend: str | None = opt(None, "process-group backend (default: nccl on CUDA, gloo on CPU)")
     master_port: int = opt(29500, "rendezvous port: train_distributed.sh pins torchrun to it when given; under "
-                                  "your own torchrun the launcher's port wins")
+                                  "your own torchrun the launcher's port wins",
+                           Rule(lambda value: 1 <= value <= 65535, "a TCP port in 1..65535"))
 
 
 @dataclass
-class TrackConfig:
+class TrackConfig(Section):
     tensorboard: bool = opt(False, "write TensorBoard event files into the run directory (pip install 'seqrec[track]')")
     mlflow: str | None = opt(None, "MLflow tracking URI to log the run to: sqlite:///mlflow.db, file:./mlruns or "
                                    "http://host:5000 (pip install 'seqrec[track]')")
@@ -170,6 +234,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
@@ -181,6 +246,9 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 # now set: alias -> (leaf, {alias value: leaf value}). Read, never stored: to_dict has only the leaf,
 # and a mapping (or command line) that gives both is refused.
 ALIASES = {"norm_first": ("block", {True: "pre", False: "post"})}
+# Leaves that configs and checkpoints written before their section existed hold elsewhere:
+# leaf -> that older section. Read there too, stored only in their own section.
+FORMER_SECTIONS = {f.name: "train" for f in dataclasses.fields(RunConfig)}
 
 
 def _leaves() -> dict[str, tuple[str, dataclasses.Field, Any]]:
@@ -202,9 +270,6 @@ def _leaves() -> dict[str, tuple[str, dataclasses.Field, Any]]:
 
 LEAVES = _leaves()
 
-
-_INT64 = 2**63
-DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")  # the devices the trainer and `seqrec recommend` run on
 
 
 def coerce(name: str, value: Any, typ: Any, where: str) -> Any:
@@ -273,7 +338,7 @@ def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: section {_quote(key)} must be a mapping of its keys, got {_quote(value)}")
             for sub_key, sub_value in value.items():
-                if LEAVES.get(sub_key, (None,))[0] != key:
+                if key not in (LEAVES.get(sub_key, (None,))[0], FORMER_SECTIONS.get(sub_key)):
                     raise ConfigError(f"{where}: unknown key {_quote(f'{key}.{sub_key}')}")
                 set_leaf(cfg, sub_key, sub_value, where)
         elif key in LEAVES:
@@ -349,74 +414,33 @@ def from_dict(data: dict, where: str = "checkpoint") -> Config:
 
 
 def validate(cfg: Config) -> Config:
-    """Reject values that would fail later, deep inside training, with a worse message."""
-    m, t, e = cfg.model, cfg.train, cfg.eval
-    positive = {
-        "maxlen": m.maxlen, "hidden_units": m.hidden_units, "num_blocks": m.num_blocks, "ffn_mult": m.ffn_mult,
-        "num_heads": m.num_heads, "time_span": m.time_span, "mhc_expansion_rate": m.mhc_expansion_rate,
-        "mhc_sinkhorn_iter": m.mhc_sinkhorn_iter, "batch_size": t.batch_size,
-        "lr_decay_step": t.lr_decay_step, "num_epochs": t.num_epochs, "eval_every": t.eval_every,
-        "max_bad_steps": t.max_bad_steps, "log_every": t.log_every, "grad_accum_steps": t.grad_accum_steps,
-        "ce_chunk_size": t.ce_chunk_size,
-        "eval_negatives": e.eval_negatives, "eval_item_chunk": e.eval_item_chunk,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
-    non_negative = {
-        "warmup_steps": t.warmup_steps, "l2_emb": t.l2_emb, "grad_clip": t.grad_clip,
-        "early_stop_patience": t.early_stop_patience, "save_every_steps": t.save_every_steps,
-        "eval_batch_size": e.eval_batch_size,
-        "num_negatives": t.num_negatives, "length_buckets": t.length_buckets,
-        "min_user_count": cfg.data.min_user_count,
-        "min_item_count": cfg.data.min_item_count, "num_workers": cfg.data.num_workers,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
+    """Reject values that would fail later, deep inside training, with a worse message: each
+    section's fields (Section.validate), then how they combine. Returns cfg."""
+    for name in SECTIONS:
+        getattr(cfg, name).validate()
+    check_combinations(cfg)
+    return cfg
+
+
+def check_combinations(cfg: Config) -> None:
+    """The rules that tie one setting to another: one needs, excludes or names another. Kept
+    in one pass, apart from the single-field rules, as the list of what goes with what."""
+    d, m, t, r, e = cfg.data, cfg.model, cfg.train, cfg.run, cfg.eval
+    if d.dataset and d.data_path:
+        raise ConfigError("give --dataset or --data_path, not both")
+    if m.hidden_units % m.num_heads:
+        raise ConfigError(f"hidden_units ({m.hidden_units}) must be divisible by num_heads ({m.num_heads})")
     if t.loss == "ce" and t.shared_negatives:
         raise ConfigError("shared_negatives needs a sampled loss (bce, gbce or sampled_softmax), not ce")
     if t.logq and t.loss != "sampled_softmax":
         raise ConfigError(f"logq corrects sampled_softmax logits; it does not apply to loss '{t.loss}'")
-    if not 0 <= t.gbce_t <= 1:
-        raise ConfigError(f"gbce_t must be in [0, 1], got {t.gbce_t}")
-    if t.lr <= 0:
-        raise ConfigError(f"lr must be positive, got {t.lr}")
-    if not 0 < t.lr_decay_rate <= 1:
-        raise ConfigError(f"lr_decay_rate must be in (0, 1], got {t.lr_decay_rate}")
-    for name in ("dropout_rate", "attention_dropout"):
-        if not 0 <= getattr(m, name) < 1:
-            raise ConfigError(f"{name} must be in [0, 1), got {getattr(m, name)}")
-    if m.hidden_units % m.num_heads:
-        raise ConfigError(f"hidden_units ({m.hidden_units}) must be divisible by num_heads ({m.num_heads})")
-    if not 1 <= m.mhc_expansion_rate <= 8:
-        raise ConfigError(f"mhc_expansion_rate must be in 1..8, got {m.mhc_expansion_rate}")
-    if m.mhc_init_gate < 0:
-        raise ConfigError(f"mhc_init_gate must be >= 0, got {m.mhc_init_gate}")
-    choices = {"block": (m.block, BLOCKS), "time_unit": (m.time_unit, TIME_UNITS), "amp": (t.amp, AMP_MODES),
-               "loss": (t.loss, LOSSES), "compile_mode": (t.compile_mode, COMPILE_MODES)}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {_quote(value)}")
-    if not e.topk or min(e.topk) <= 0:
-        raise ConfigError(f"topk must be positive integers, got {e.topk}")
     if e.select_metric not in metric_names(e):
         raise ConfigError(f"select_metric must be a metric the evaluation reports: sampled/HR@10, sampled/NDCG@10 "
                           f"or full/Recall|NDCG|MRR@K with K in topk {e.topk}; got {_quote(e.select_metric)}")
-    if t.device is not None and not DEVICE.fullmatch(t.device):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {_quote(t.device)}")
-    for name, value in (("seed", t.seed), ("eval_seed", e.eval_seed)):  # hashed as int64, given to torch.manual_seed
-        if not 0 <= value < _INT64:
-            raise ConfigError(f"{name} must be in [0, 2**63), got {value}")
-    if not 1 <= cfg.dist.master_port <= 65535:
-        raise ConfigError(f"master_port must be a TCP port in 1..65535, got {cfg.dist.master_port}")
-    if t.inference_only and not t.state_dict_path:
+    if r.inference_only and not r.state_dict_path:
         raise ConfigError("--inference_only needs --state_dict_path")
-    if t.resume and t.overwrite:
+    if r.resume and r.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other")
-    if cfg.data.dataset and cfg.data.data_path:
-        raise ConfigError("give --dataset or --data_path, not both")
-    return cfg
 
 
 def metric_names(e: EvalConfig) -> list[str]:
@@ -459,8 +483,9 @@ def build_parser(prog: str = "seqrec train") -> argparse.ArgumentParser:
             else:
                 group.add_argument(f"--{name}", dest=name, metavar=name.upper(), help=help_text)
     compat = parser.add_argument_group("seed compatibility")
-    compat.add_argument("--use_amp", dest="amp", action="store_const", const="auto", help="alias of --amp auto")
-    compat.add_argument("--no_use_amp", dest="amp", action="store_const", const="off", help="alias of --amp off")
+    compat.add_argument("--use_amp", dest="amp", action="store_const", const="auto",
+                        help="accepted: --amp auto, the default (it only undoes an --amp from a config or preset)")
+    compat.add_argument("--no_use_amp", dest="amp", action="store_const", const="off", help="accepted: --amp off")
     compat.add_argument("--local-rank", "--local_rank", dest="_local_rank",
                         help="passed by torch.distributed.launch; ignored (the environment's LOCAL_RANK is used)")
     return parser

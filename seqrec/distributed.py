@@ -14,6 +14,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from .callbacks import Callback
+
 
 def launched() -> bool:
     """Whether a launcher (torchrun) started this process as part of a group."""
@@ -170,16 +172,28 @@ def elastic_restart() -> bool:
 FAULT_ENV = "SEQREC_FAULT_AT_STEP"
 
 
-def maybe_inject_fault(step: int) -> None:
-    """Kill this process at a chosen step, for fault-tolerance tests.
+class FaultAtStep(Callback):
+    """Kills rank `victim`'s process right after optimizer step `step`, as a crash would (exit
+    17, no checkpoint, no cleanup): the rank death the torchrun restart tests recover from.
 
-    SEQREC_FAULT_AT_STEP="K" (rank 1) or "K:R" (rank R) exits hard after optimizer step K,
-    only in the first incarnation (TORCHELASTIC_RESTART_COUNT unset or 0), so the
-    restarted group does not die again.
+    A callback, so that the training step carries no test switch; it acts in on_step, the
+    callbacks' one per-rank event, since the victim is usually not the main rank.
     """
+
+    def __init__(self, step: int, victim: int):
+        self.step, self.victim = step, victim
+
+    def on_step(self, trainer) -> None:
+        if trainer.step == self.step and rank() == self.victim:
+            os._exit(17)
+
+
+def fault_from_env() -> list[FaultAtStep]:
+    """The fault that SEQREC_FAULT_AT_STEP="K" (rank 1) or "K:R" (rank R) asks for, as a list of
+    callbacks to add to a run (cli.run does): empty when unset, and in a group torchrun has
+    restarted (TORCHELASTIC_RESTART_COUNT > 0), so that the restarted group does not die again."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or elastic_restart():
-        return
+        return []
     at, _, victim = spec.partition(":")
-    if step == int(at) and rank() == int(victim or 1):
-        os._exit(17)
+    return [FaultAtStep(int(at), int(victim or 1))]

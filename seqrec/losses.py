@@ -1,4 +1,4 @@
-"""Training losses behind one interface.
+"""Training losses behind one interface, and the registry that names them.
 
 A loss returns (sum of per-position losses, number of valid positions) rather than a
 mean, so the trainer can normalise by the count of the whole global batch: that makes
@@ -7,71 +7,120 @@ Padding positions (positive item 0) never contribute: every loss computes all [B
 positions and weights padding out, so no shape depends on the data, no op makes a GPU
 wait for the host, and torch.compile(fullgraph=True) traces a loss whole.
 
-Sampled negatives come from the data layer as the loss asks for them (`num_negatives`,
-`sampler`, `shared`): per position ([B, L] for one, [B, L, k] for k) they are drawn
-outside the user's training history, so they never equal the positive; shared ([k] for
-the whole step) they are scored with one matmul and any that equals a position's
-positive is masked out there.
+A loss declares what it needs, and the trainer and the data layer serve it without knowing
+which loss it is: `negatives` (a `Negatives`: how many, per position or shared by the step,
+from which distribution) goes into every batch plan, so the batch holds them under "neg".
+Per position ([B, L] for one, [B, L, k] for k) they are drawn outside the user's training
+history, so they never equal the positive; shared ([k] for the whole step) they are scored
+with one matmul and any that equals a position's positive is masked out there. A loss that
+scores the whole catalogue asks for none. Scores come only through the model's scoring API
+(`score`, `score_all`, and `item_vectors` where a hand-written backward needs the vectors the
+scores are dot products with), so a loss works with every model that has that API.
+
+Adding a loss is one class and one line: subclass `SampledLoss` (or `Loss`) and decorate it
+with `@register("name")`; a config with loss "name" then builds it, in any process that
+imported the class (docs/ARCHITECTURE.md, "Adding a loss").
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
 from .data.sampling import ItemSampler
+from .data.tensors import Negatives
 
-DEFAULT_NEGATIVES = {"bce": 1, "gbce": 256, "sampled_softmax": 256, "ce": 0}
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+LOSSES: dict[str, type[Loss]] = {}  # --loss name -> class; config validation reads it too
 
 
-class Loss(Protocol):
-    num_negatives: int
-    sampler: ItemSampler | None  # distribution of the negatives (None: uniform)
-    shared: bool  # one [k] set of negatives per step instead of one per position
+def register(name: str) -> Callable[[type[Loss]], type[Loss]]:
+    """Class decorator: `--loss name` builds the class (through its `from_config`)."""
+    def add(cls: type[Loss]) -> type[Loss]:
+        if name in LOSSES:  # a second class under one name would silently replace the first
+            raise ValueError(f"loss {name!r} is already registered to {LOSSES[name].__qualname__}")
+        LOSSES[name] = cls
+        return cls
+    return add
+
+
+class Loss:
+    """A training loss: `loss(model, hidden, batch)` -> (sum over valid positions, their count).
+
+    `hidden` is the model's output [B, L, d], `batch` the training batch (items, pos, and neg
+    when `negatives` asks for some).
+    """
+
+    negatives: Negatives = Negatives()  # what the data layer draws for this loss: none by default
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, num_items: int, item_counts: torch.Tensor | None) -> Loss:
+        """This loss for the run's flags; item_counts is the training popularity, [num_items + 1]."""
+        raise NotImplementedError
 
     def __call__(self, model: nn.Module, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        ...
+        raise NotImplementedError
 
 
-def _positive_negative_scores(model, hidden, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores of the positive [B, L] and the negatives [B, L, k], the valid-position mask, and
-    the negative ids ([B, L, k], or [k] when shared) the scores belong to.
+class SampledLoss(Loss):
+    """A loss over the positive and sampled negatives: `scores` gives both, whatever the kind of
+    negatives the flags chose. A subclass declares `default_negatives`, the k of
+    --num_negatives 0, and writes `__call__`; one with flags of its own overrides `from_config`."""
 
-    A shared negative equal to the position's positive scores -inf: it then adds nothing
-    to any of the losses below (softplus(-inf) = 0, exp(-inf) = 0) and gets no gradient.
-    """
-    neg = batch["neg"] if batch["neg"].dim() != 2 else batch["neg"][..., None]
-    pos = model.score(hidden, batch["pos"]).float()
-    if neg.dim() == 1:
-        negs = (hidden @ model.item_emb(neg).t()).float()
-        negs = negs.masked_fill(neg == batch["pos"][..., None], -math.inf)
-    else:
-        negs = model.score(hidden[..., None, :], neg).float()
-    return pos, negs, batch["pos"] != 0, neg
+    default_negatives: ClassVar[int] = 1
+
+    def __init__(self, negatives: Negatives = Negatives(1)):
+        self.negatives = negatives
+
+    @classmethod
+    def requested(cls, cfg: TrainConfig) -> Negatives:
+        """The negatives the flags ask for: --num_negatives (or the default), --shared_negatives."""
+        return Negatives(cfg.num_negatives or cls.default_negatives, cfg.shared_negatives)
+
+    @classmethod
+    def from_config(cls, cfg, num_items, item_counts):
+        return cls(cls.requested(cfg))
+
+    def scores(self, model: nn.Module, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, ...]:
+        """Scores (fp32) of the positives [B, L] and the negatives [B, L, k], and the valid-position mask.
+
+        Per-position negatives go through `model.score`, a shared [k] set through one
+        `model.score_all` against every position. A shared negative equal to the position's
+        positive scores -inf: it then adds nothing to a loss that is 0 at -inf (softplus,
+        exp, a hinge) and gets no gradient.
+        """
+        neg = negative_ids(batch)
+        pos = model.score(hidden, batch["pos"]).float()
+        if self.negatives.shared:
+            negs = model.score_all(hidden, neg).float().masked_fill(neg == batch["pos"][..., None], -math.inf)
+        else:
+            negs = model.score(hidden[..., None, :], neg).float()
+        return pos, negs, batch["pos"] != 0
 
 
-class _Sampled:
-    """What a sampled loss asks of the data layer: how many negatives, from which
-    distribution, per position or shared by the step."""
-
-    def __init__(self, num_negatives: int = 1, shared: bool = False, sampler: ItemSampler | None = None):
-        self.num_negatives, self.shared, self.sampler = num_negatives, shared, sampler
+def negative_ids(batch: dict) -> torch.Tensor:
+    """The batch's negatives as [B, L, k] per position (one comes as [B, L]) or [k] shared."""
+    return batch["neg"][..., None] if batch["neg"].dim() == 2 else batch["neg"]
 
 
-class BCELoss(_Sampled):
+@register("bce")
+class BCELoss(SampledLoss):
     """Binary cross-entropy: the positive against each of k sampled negatives (SASRec: k = 1)."""
 
     def __call__(self, model, hidden, batch):
-        pos, neg, valid, _ = _positive_negative_scores(model, hidden, batch)
+        pos, neg, valid = self.scores(model, hidden, batch)
         per_position = F.softplus(-pos) + F.softplus(neg).sum(-1)  # = BCE(pos, 1) + sum BCE(neg, 0)
         return (per_position * valid).sum(), valid.sum()
 
 
-class GBCELoss(_Sampled):
+@register("gbce")
+class GBCELoss(SampledLoss):
     """gBCE (gSASRec, arXiv 2308.07192): BCE whose positive probability is raised to beta.
 
     With k negatives out of |I| - 1 items, alpha = k / (|I| - 1) and
@@ -82,38 +131,50 @@ class GBCELoss(_Sampled):
     sigmoid(s)^-beta - 1 underflows in float32 for confident positives.
     """
 
-    def __init__(self, num_negatives: int, num_items: int, t: float, shared: bool = False):
-        super().__init__(num_negatives, shared)
-        alpha = num_negatives / (num_items - 1)
+    default_negatives = 256
+
+    def __init__(self, negatives: Negatives, num_items: int, t: float):
+        super().__init__(negatives)
+        alpha = negatives.count / (num_items - 1)
         self.beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
 
+    @classmethod
+    def from_config(cls, cfg, num_items, item_counts):
+        return cls(cls.requested(cfg), num_items, cfg.gbce_t)
+
     def __call__(self, model, hidden, batch):
-        pos, neg, valid, _ = _positive_negative_scores(model, hidden, batch)
+        pos, neg, valid = self.scores(model, hidden, batch)
         pos64 = pos.double().clamp(-40, 40)
         gamma = -torch.log(torch.expm1(-self.beta * F.logsigmoid(pos64)).clamp_min(1e-300))
         per_position = F.softplus(-gamma).float() + F.softplus(neg).sum(-1)
         return (per_position * valid).sum(), valid.sum()
 
 
-class SampledSoftmaxLoss(_Sampled):
+@register("sampled_softmax")
+class SampledSoftmaxLoss(SampledLoss):
     """Cross-entropy of the positive against itself and k sampled negatives (eSASRec).
 
-    With `logq`, negatives are drawn in proportion to item popularity (`sampler`) and
-    every logit, the positive's included, is corrected by -log q(item) (Yi et al., RecSys
-    2019), so the sampled softmax estimates the full one despite the skewed draws. Under
-    uniform draws log q is a constant that cancels, so no correction is applied.
+    With `--logq`, the negatives' sampler draws in proportion to item popularity, and every
+    logit, the positive's included, is corrected by -log q(item) (Yi et al., RecSys 2019), so
+    the sampled softmax estimates the full one despite the skewed draws. The correction goes
+    with the sampler: under uniform draws log q is a constant that cancels.
     """
 
-    def __init__(self, num_negatives: int, shared: bool = False, sampler: ItemSampler | None = None,
-                 logq: bool = False):
-        super().__init__(num_negatives, shared, sampler)
-        self.logq = logq
+    default_negatives = 256
+
+    @classmethod
+    def from_config(cls, cfg, num_items, item_counts):
+        negatives = cls.requested(cfg)
+        if cfg.logq:
+            negatives = dataclasses.replace(negatives, sampler=ItemSampler(num_items, item_counts))
+        return cls(negatives)
 
     def __call__(self, model, hidden, batch):
-        pos, neg, valid, neg_items = _positive_negative_scores(model, hidden, batch)
-        if self.logq:
-            pos = pos - self.sampler.log_q(batch["pos"])
-            neg = neg - self.sampler.log_q(neg_items)
+        pos, neg, valid = self.scores(model, hidden, batch)
+        sampler = self.negatives.sampler
+        if sampler is not None:
+            pos = pos - sampler.log_q(batch["pos"])
+            neg = neg - sampler.log_q(negative_ids(batch))
         logits = torch.cat([pos[..., None], neg], dim=-1)
         per_position = torch.logsumexp(logits, dim=-1) - pos
         return (per_position * valid).sum(), valid.sum()
@@ -169,25 +230,30 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             return grad_h * scale, grad_table, None, None, None
 
 
-class FullCrossEntropyLoss:
+@register("ce")
+class FullCrossEntropyLoss(Loss):
     """Softmax cross-entropy over the whole catalogue ("SASRec+", arXiv 2309.07602).
 
-    Computed in item chunks with a hand-written backward, so memory is O(positions x chunk)
-    instead of O(positions x |I|): a catalogue of millions of items fits. Every position is
-    computed and padding is weighted out (its target, item 0, is a row of the table like
-    any other) rather than selected with `hidden[valid]`, whose shape depends on the data:
-    that would force a device->host sync and break a torch.compile graph.
+    Asks for no negatives. Computed in item chunks with a hand-written backward, so memory is
+    O(positions x chunk) instead of O(positions x |I|): a catalogue of millions of items fits.
+    That backward differentiates the scores by hand, so it takes the vectors they are dot
+    products with (`model.item_vectors()`) rather than calling `score_all` per chunk. Every
+    position is computed and padding is weighted out (its target, item 0, is a row of the
+    table like any other) rather than selected with `hidden[valid]`, whose shape depends on
+    the data: that would force a device->host sync and break a torch.compile graph.
     """
-
-    num_negatives, shared, sampler = 0, False, None
 
     def __init__(self, chunk_size: int = 8192):
         self.chunk_size = chunk_size
 
+    @classmethod
+    def from_config(cls, cfg, num_items, item_counts):
+        return cls(cfg.ce_chunk_size)
+
     def __call__(self, model, hidden, batch):
         targets = batch["pos"].reshape(-1)
         valid = targets != 0
-        table = model.item_emb.weight
+        table = model.item_vectors()
         dtype = torch.promote_types(table.dtype, torch.float32)  # fp32 under autocast, fp64 stays
         loss = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]).to(dtype), table.to(dtype),
                                           targets, valid.to(dtype), self.chunk_size)
@@ -195,13 +261,6 @@ class FullCrossEntropyLoss:
 
 
 def build_loss(cfg: TrainConfig, num_items: int, item_counts: torch.Tensor | None = None) -> Loss:
-    """The configured loss; item_counts (training popularity, [num_items + 1]) is needed for logq."""
-    k = cfg.num_negatives or DEFAULT_NEGATIVES[cfg.loss]
-    if cfg.loss == "bce":
-        return BCELoss(k, cfg.shared_negatives)
-    if cfg.loss == "gbce":
-        return GBCELoss(k, num_items, cfg.gbce_t, cfg.shared_negatives)
-    if cfg.loss == "sampled_softmax":
-        sampler = ItemSampler(num_items, item_counts) if cfg.logq else None
-        return SampledSoftmaxLoss(k, cfg.shared_negatives, sampler, cfg.logq)
-    return FullCrossEntropyLoss(cfg.ce_chunk_size)
+    """The loss registered under --loss, built from the flags; item_counts (training popularity,
+    [num_items + 1]) is what --logq draws by."""
+    return LOSSES[cfg.loss].from_config(cfg, num_items, item_counts)

@@ -154,7 +154,7 @@ class Recommender:
         if missing:
             raise KeyError(f"item(s) not in the catalogue: {', '.join(missing[:5])}")
         query = torch.tensor([self.index[str(i)] for i in items], dtype=torch.long, device=self.device)
-        weight = self.model.item_emb.weight.float()
+        weight = self.model.item_vectors().float()
         unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
         seen = (np.arange(len(query)), query.cpu().numpy())
         return self._top_k(unit[query], lambda h, chunk: h @ unit[chunk].t(), seen, k, None, item_chunk)

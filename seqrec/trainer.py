@@ -26,11 +26,10 @@ from . import distributed as dist
 from . import provenance
 from .callbacks import Callback
 from .config import Config, from_dict, to_dict
-from .data.tensors import SequenceTensors
-from .evaluate import eval_batch_size, evaluate, format_metrics
+from .data.tensors import BatchPlan, SequenceTensors
+from .evaluate import evaluate, format_metrics
 from .losses import build_loss
 from .models import build_model
-from .models.mhc import composite_gain
 from .monitor import EpochMonitor, describe
 from .preemption import Preempted, StopRequests
 from .schedule import lr_at
@@ -103,11 +102,6 @@ class BadSteps:
 
     def reset_window(self) -> None:
         self.state = torch.stack([self.state[0], self.state[0], torch.zeros_like(self.state[2])])
-
-
-def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t with `rows` rows of zeros (padding) appended along the first dimension."""
-    return torch.cat([t, t.new_zeros((rows, *t.shape[1:]))])
 
 
 def log(msg: str) -> None:
@@ -330,24 +324,38 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         for i, (part, width) in enumerate(parts):
-            last = i == len(parts) - 1
+            last = i == len(parts) - 1  # DDP's gradient all-reduce runs in the last backward
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 batch = self.batch(part, epoch, width)
                 with self.autocast():
                     loss_sum, _ = self.objective(batch)
                 part_loss = loss_sum * scale
-                if t.l2_emb > 0 and last:  # once per step and rank; DDP's average keeps it once
-                    part_loss = part_loss + t.l2_emb * self.model.item_emb.weight.pow(2).sum()
                 self.scaler.scale(part_loss).backward()
                 loss += part_loss.detach()
+        if t.l2_emb > 0:
+            loss += self._embedding_penalty(t.l2_emb)
         self._apply_gradients(loss)
         self.scheduler.step()
         self.step += 1
         self.epoch_loss += loss  # before a mid-epoch checkpoint, which must include this step
-        dist.maybe_inject_fault(self.step)
+        for callback in self.callbacks:  # on every rank (seqrec.callbacks)
+            callback.on_step(self)
         if t.save_every_steps and self.step % t.save_every_steps == 0:
             self.save(ckpt.LATEST)
         return loss
+
+    def _embedding_penalty(self, l2: float) -> torch.Tensor:
+        """Back-propagate l2 x the model's `embedding_penalty()` once per step and rank; returns
+        its value, which the logged loss includes.
+
+        After the micro-batches, not in each: it is a term of the step, not of a batch of users.
+        Under DDP its gradient lands after the all-reduce, the same on every rank (so are the
+        parameters), which is the average DDP would take of it. Not Adam's weight_decay: that
+        would add the term after clipping (and after fp16's unscale), changing the clipped gradient.
+        """
+        penalty = l2 * self.model.embedding_penalty()
+        self.scaler.scale(penalty).backward()
+        return penalty.detach()
 
     def _apply_gradients(self, loss: torch.Tensor) -> None:
         """Clip and step, skipping a step with a non-finite gradient on the device.
@@ -423,24 +431,18 @@ class Trainer:
 
         Compiled runs get the fixed shapes a compiled graph (and a CUDA graph) is specialised
         for: widths rounded up to a multiple of maxlen / 8, and rows padded to the full
-        micro-batch with rows of padding (positive 0 everywhere, so they add nothing to the
-        loss or its gradient).
+        micro-batch (`BatchPlan.rows`). The negatives are those the loss declared.
         """
-        rows = len(users)
-        if self.cfg.train.compile:
+        t = self.cfg.train
+        if t.compile:
             quantum = -(-self.cfg.model.maxlen // 8)
             width = min(self.cfg.model.maxlen, -(-width // quantum) * quantum)
         index = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
         if self.device.type == "cuda":  # from pinned memory the copy does not wait for the device
             index = index.pin_memory()
-        batch = self.data.train_batch(index.to(self.device, non_blocking=True), self.cfg.train.seed, epoch,
-                                      self.loss_fn.num_negatives, self.loss_fn.sampler,
-                                      self.step if self.loss_fn.shared else None, width)
-        if self.cfg.train.compile:  # contiguous too: a graph is also specialised to its inputs' strides
-            pad = self.micro_rows - rows
-            batch = {key: pad_rows(value, pad) if pad and (key != "neg" or value.dim() > 1) else value.contiguous()
-                     for key, value in batch.items()}
-        return batch
+        plan = BatchPlan(users=index.to(self.device, non_blocking=True), seed=t.seed, epoch=epoch, step=self.step,
+                         width=width, rows=self.micro_rows if t.compile else None, negatives=self.loss_fn.negatives)
+        return self.data.train_batch(plan)
 
     @property
     def micro_rows(self) -> int:
@@ -512,12 +514,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> dict:
-        """Validation metrics, plus mHC's composite gain on the first validation batch."""
-        split = self.data.splits["valid"]
-        metrics = evaluate(self.model, split, self.cfg.eval, self.data.num_items)
-        if self.cfg.model.mhc:
-            first = split.batch(slice(0, eval_batch_size(self.cfg.eval, self.device)))
-            metrics.update(composite_gain(self.model, first))
+        """Validation metrics, plus what the callbacks measure beside them (main rank, which
+        writes the row; seqrec.callbacks)."""
+        metrics = evaluate(self.model, self.data.splits["valid"], self.cfg.eval, self.data.num_items)
+        if dist.is_main():
+            for callback in self.callbacks:
+                metrics.update(callback.validation_metrics(self))
         return metrics
 
     def _track_best(self, metrics: dict) -> bool:

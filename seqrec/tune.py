@@ -172,8 +172,8 @@ def trial_config(base: Config, params: dict[str, Any], train_dir: str | Path) ->
     for name, value in params.items():
         set_leaf(cfg, name, value, f"trial value {name}")
     cfg.train.train_dir = str(train_dir)
-    cfg.train.resume = False
-    cfg.train.overwrite = False
+    cfg.run.resume = False
+    cfg.run.overwrite = False
     return validate(cfg)
 
 
@@ -333,7 +333,7 @@ def write_outputs(study, base: Config, study_dir: Path) -> None:
     for name, value in best.params.items():
         set_leaf(cfg, name, value, f"trial {best.number}")
     cfg.train.train_dir = str(study_dir / "best")
-    cfg.train.resume = cfg.train.overwrite = False
+    cfg.run.resume = cfg.run.overwrite = False
     header = (f"# seqrec tune: study '{study.study_name}', best of {len(complete)} completed trial(s): trial "
               f"{best.number}, {base.eval.select_metric} {best.value:.6g} (validation)\n"
               f"# {_describe(best.params)}\n# reproduce: seqrec train --config {study_dir / BEST_FILE}\n")
@@ -412,8 +412,8 @@ def evaluate_best(study) -> dict:
     path = Path(best.user_attrs.get("run_dir", "")) / ckpt.BEST
     state = ckpt.load(path)
     cfg = from_dict(state["config"], str(path))
-    cfg.train.inference_only, cfg.train.state_dict_path = True, str(path)
-    cfg.train.resume = cfg.train.overwrite = False
+    cfg.run.inference_only, cfg.run.state_dict_path = True, str(path)
+    cfg.run.resume = cfg.run.overwrite = False
     say(f"tune: evaluating trial {best.number} ({path}) on the test split")
     results = run(validate(cfg))
     record = {"trial": best.number, "checkpoint": str(path), "select_metric": cfg.eval.select_metric,

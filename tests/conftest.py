@@ -45,6 +45,8 @@ def small_config(data_path: Path, run_dir: Path, **overrides) -> Config:
     e.eval_negatives, e.eval_batch_size = 20, 32
     for key, value in overrides.items():
         section, _, name = key.partition("__")
+        if not hasattr(getattr(cfg, section), name):  # a renamed field would be set and silently ignored
+            raise AttributeError(f"small_config: {section} has no field {name!r}")
         setattr(getattr(cfg, section), name, value)
     return cfg
 

@@ -15,7 +15,7 @@ from seqrec import export as ex
 from seqrec.cli import run
 from seqrec.config import ModelConfig
 from seqrec.models import build_model
-from seqrec.models.attention import attention_mask
+from seqrec.models.attention import SequenceContext, attention_mask
 from seqrec.models.blocks import FeedForward, Gate, Residual, SwiGLU
 
 DIM, ITEMS = 16, 30
@@ -52,7 +52,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
 
-def ligr_reference(layer: Residual, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+def ligr_reference(layer: Residual, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
     """x + σ(x W_gᵀ + b_g) ⊙ F(LN(x)), with F = W_2(SiLU(W_1 h) ⊙ W_3 h) for the FFN; the attention
     sub-layer is the module's own (its formula is tested in test_model.py / test_tisasrec.py)."""
     h = layer_norm(x, layer.norm)
@@ -62,7 +62,7 @@ def ligr_reference(layer: Residual, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         a = h @ w1.t()
         out = ((a / (1 + torch.exp(-a))) * (h @ w3.t())) @ w2.t()
     else:
-        out = f(h, ctx)
+        out = f(h, context)
     gate = 1 / (1 + torch.exp(-(x @ layer.gate.weight.t() + layer.gate.bias)))
     return x + gate * out
 
@@ -75,16 +75,16 @@ def test_ligr_model_equals_the_formula_layer_by_layer(time):
     model = build_model(config(time=time, ffn_mult=4, time_span=20, time_unit="minute"), ITEMS).double().eval()
     randomise_gates(model)
     batch = left_padded([10, 6, 3])
-    ctx = model.context(batch) if time else {"mask": attention_mask(batch["items"])}
+    context = model.context(batch) if time else SequenceContext(mask=attention_mask(batch["items"]))
     x = model.embed(batch["items"]).double()
     expected = x
     for layer in model.layers:
-        reference = ligr_reference(layer, expected, ctx)
-        torch.testing.assert_close(layer(expected, ctx), reference, rtol=1e-12, atol=1e-12)
+        reference = ligr_reference(layer, expected, context)
+        torch.testing.assert_close(layer(expected, context), reference, rtol=1e-12, atol=1e-12)
         expected = reference
     expected = layer_norm(expected, model.final_norm)
     real = batch["items"] != 0
-    torch.testing.assert_close(model.encode(x, ctx)[real], expected[real], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.encode(x, context)[real], expected[real], rtol=1e-12, atol=1e-12)
 
 
 def test_gate_is_one_half_at_step_0():

@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import yaml
 
-from seqrec.config import Config, ConfigError, check_with_data, from_dict, metric_names, parse_config, to_dict
+from seqrec.config import (Config, ConfigError, DataConfig, DistConfig, EvalConfig, ModelConfig, TrainConfig,
+                           check_with_data, from_dict, metric_names, parse_config, to_dict)
 
 
 def test_seed_defaults_with_a_dataset():
@@ -54,7 +57,7 @@ def test_block_and_its_alias_together_are_refused(source):
 
 
 def test_seed_compat_flags():
-    cfg = parse_config(["--dataset", "x", "--use_amp", "--local-rank=3", "--no_time", "--no_mhc"])
+    cfg = parse_config(["--dataset", "x", "--use_amp", "--local-rank=3", "--no_time", "--no_mhc", "--num_workers", "8"])
     assert cfg.train.amp == "auto" and not cfg.model.time and not cfg.model.mhc
     assert parse_config(["--dataset", "x", "--no_use_amp"]).train.amp == "off"
     assert parse_config(["--dataset", "x", "--local_rank", "1"]).data.dataset == "x"
@@ -99,6 +102,41 @@ def test_invalid_values_are_one_line_errors(argv, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse_config(["--dataset", "x", *argv])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    (DataConfig, {"num_workers": -1}, "num_workers must be >= 0, got -1"),
+    (ModelConfig, {"mhc_expansion_rate": 9}, "mhc_expansion_rate must be in 1..8, got 9"),
+    (ModelConfig, {"time_unit": "week"}, "time_unit must be one of second, minute, hour, day, personal; got 'week'"),
+    (TrainConfig, {"lr_decay_rate": 0.0}, "lr_decay_rate must be in (0, 1], got 0.0"),
+    (TrainConfig, {"device": "tpu"}, "device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (EvalConfig, {"topk": []}, "topk must be positive integers, got []"),
+    (DistConfig, {"master_port": 0}, "master_port must be a TCP port in 1..65535, got 0"),
+])
+def test_each_section_validates_its_own_fields(section, values, message):
+    section().validate()  # the defaults, and an empty optional field, pass
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        section(**values).validate()
+
+
+def test_run_switches_of_older_configs_and_checkpoints_still_load(tmp_path):
+    """Run directories and checkpoints written before the run section hold resume, overwrite,
+    inference_only and state_dict_path under train: they load into run, which alone stores them."""
+    old = {"train": {"lr": 0.01, "resume": True, "overwrite": False, "inference_only": True,
+                     "state_dict_path": "r/best.pt"}}
+    cfg = from_dict(old)
+    assert (cfg.run.resume, cfg.run.overwrite, cfg.run.inference_only, cfg.run.state_dict_path) == (
+        True, False, True, "r/best.pt")
+    assert cfg.train.lr == 0.01
+    stored = to_dict(cfg)
+    assert set(stored["run"]) == {"resume", "overwrite", "inference_only", "state_dict_path"}
+    assert not set(stored["run"]) & set(stored["train"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"dataset": "x"}, **old}))
+    assert parse_config(["--config", str(path), "--no_resume"]).run == from_dict(
+        {"run": {"inference_only": True, "state_dict_path": "r/best.pt"}}).run
+    with pytest.raises(ConfigError, match="unknown key 'run.lr'"):
+        from_dict({"run": {"lr": 0.1}})  # run holds only its own switches
 
 
 def test_unknown_keys_rejected(tmp_path):

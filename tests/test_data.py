@@ -4,6 +4,7 @@ import torch
 
 from seqrec.data import DataError, Interactions, SequenceTensors, build_sequences, read_interactions
 from seqrec.data.sampling import ItemSampler, draw_negatives, seen
+from seqrec.data.tensors import BatchPlan, Negatives
 
 
 def interactions(rows, path="mem"):
@@ -79,7 +80,7 @@ def test_training_batch_shapes_and_negatives(data_file):
     seqs = build_sequences(read_interactions(str(data_file)))
     data = SequenceTensors(seqs, maxlen=20, device="cpu", eval_negatives=5)
     users = data.train_users[:8]
-    batch = data.train_batch(users, seed=1, epoch=3)
+    batch = data.train_batch(BatchPlan(users, seed=1, epoch=3, negatives=Negatives(1)))
     assert batch["items"].shape == batch["pos"].shape == batch["neg"].shape == batch["times"].shape == (8, 20)
     valid = batch["pos"] != 0
     assert torch.equal(valid, batch["items"] != 0)  # a target for every input item, none for padding
@@ -88,10 +89,11 @@ def test_training_batch_shapes_and_negatives(data_file):
     assert torch.equal(batch["neg"] != 0, valid)
     assert not seen(data.train_history, data.num_items, users[:, None].expand(-1, 20)[valid], batch["neg"][valid]).any()
     # negatives are a function of (seed, epoch, user): independent of batch composition
-    alone = data.train_batch(users[3:4], seed=1, epoch=3)
+    alone = data.train_batch(BatchPlan(users[3:4], seed=1, epoch=3, negatives=Negatives(1)))
     assert torch.equal(alone["neg"][0], batch["neg"][3])
-    assert not torch.equal(data.train_batch(users, seed=1, epoch=4)["neg"], batch["neg"])
-    k = data.train_batch(users, seed=1, epoch=3, num_negatives=4)["neg"]
+    other_epoch = data.train_batch(BatchPlan(users, seed=1, epoch=4, negatives=Negatives(1)))
+    assert not torch.equal(other_epoch["neg"], batch["neg"])
+    k = data.train_batch(BatchPlan(users, seed=1, epoch=3, negatives=Negatives(4)))["neg"]
     assert k.shape == (8, 20, 4)
 
 
@@ -103,8 +105,9 @@ def test_cut_training_batch_is_the_right_end_of_the_full_one(data_file, num_nega
     sampler = ItemSampler(data.num_items, data.item_counts) if popular else None
     users = data.train_users[data.train_positions[data.train_users] <= 9][:6]
     assert len(users) == 6
-    full = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives, sampler=sampler)
-    cut = data.train_batch(users, seed=1, epoch=3, num_negatives=num_negatives, sampler=sampler, width=9)
+    negatives = Negatives(num_negatives, sampler=sampler)
+    full = data.train_batch(BatchPlan(users, seed=1, epoch=3, negatives=negatives))
+    cut = data.train_batch(BatchPlan(users, seed=1, epoch=3, width=9, negatives=negatives))
     assert not (full["items"][:, :-9] != 0).any()  # only padding is dropped
     for key in full:
         assert torch.equal(cut[key], full[key][:, -9:]), key

@@ -58,9 +58,9 @@ def test_checkpoints_resume_across_world_sizes(data_file, tmp_path, capfd):
         mp.start_processes(_rank_main, args=(2, free_port(), cfg), nprocs=2, start_method="spawn")
 
     two_ranks("2to1", train__num_epochs=2)
-    run(small_config(data_file, tmp_path / "2to1", train__num_epochs=4, train__resume=True, **kw))
+    run(small_config(data_file, tmp_path / "2to1", train__num_epochs=4, run__resume=True, **kw))
     run(small_config(data_file, tmp_path / "1to2", train__num_epochs=2, **kw))
-    two_ranks("1to2", train__num_epochs=4, train__resume=True)
+    two_ranks("1to2", train__num_epochs=4, run__resume=True)
     assert capfd.readouterr().out.count("at epoch 2 + 0 steps (step 8)") == 2  # 4 steps per epoch
 
     def train_rows(run_dir):

@@ -24,7 +24,8 @@ pytest.importorskip("hypothesis")  # in the test extra; skip rather than fail wi
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from seqrec.config import LEAVES, Config, ConfigError, from_dict, parse_config, to_dict, validate  # noqa: E402
+from seqrec.config import (FORMER_SECTIONS, LEAVES, SECTIONS, Config, ConfigError, from_dict,  # noqa: E402
+                           parse_config, to_dict, validate)
 from seqrec.data import DataError, SequenceTensors, build_sequences, read_interactions  # noqa: E402
 from seqrec.data import readers  # noqa: E402
 
@@ -216,10 +217,10 @@ def check_config(argv: list[str]) -> None:
         return
     assert isinstance(cfg, Config)
     validate(cfg)
-    for name, (section, _, _) in LEAVES.items():  # the rules that hold for every option
-        value = getattr(getattr(cfg, section), name)
-        assert not isinstance(value, float) or math.isfinite(value), name
-        assert not isinstance(value, int) or -(2**63) <= value < 2**63, name
+    for section in to_dict(cfg).values():  # the rules that hold for every option
+        for name, value in section.items():
+            assert not isinstance(value, float) or math.isfinite(value), name
+            assert not isinstance(value, int) or -(2**63) <= value < 2**63, name
     assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
 
 
@@ -232,23 +233,23 @@ def test_generated_flags(argv):
 yaml_values = st.recursive(st.one_of(st.none(), st.booleans(), values),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                       max_size=3), max_leaves=6)
-known_keys = st.sampled_from(sorted(LEAVES) + ["data", "model", "train", "eval", "dist"])
+known_keys = st.sampled_from(sorted(LEAVES) + sorted(SECTIONS))
 yaml_keys = st.one_of(known_keys, known_keys, known_keys, st.text(max_size=6))  # mostly known: more get past the keys
 
 
 @st.composite
 def yaml_files(draw) -> bytes:
-    """A mapping of known and unknown keys (flat or by section) dumped as YAML, or arbitrary text
-    and bytes."""
+    """A mapping of known and unknown keys (flat or by section, also where older configs held them)
+    dumped as YAML, or arbitrary text and bytes."""
     kind = draw(st.sampled_from(["mapping"] * 4 + ["text", "bytes"]))
     if kind == "text":
         return draw(st.text(max_size=80)).encode("utf-8", errors="replace")
     if kind == "bytes":
         return draw(st.binary(max_size=80))
     mapping = draw(st.dictionaries(yaml_keys, yaml_values, max_size=5))
-    for section in ("model", "train", "eval"):
+    for section in sorted(SECTIONS):
         if draw(st.booleans()):
-            names = sorted(name for name, (sec, _, _) in LEAVES.items() if sec == section)
+            names = sorted(name for name, (sec, _, _) in LEAVES.items() if section in (sec, FORMER_SECTIONS.get(name)))
             mapping[section] = draw(st.dictionaries(st.sampled_from(names), yaml_values, max_size=3))
     return yaml.safe_dump(mapping, allow_unicode=draw(st.booleans())).encode()
 

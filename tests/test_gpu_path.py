@@ -26,7 +26,7 @@ def test_resume_reads_the_checkpoint_on_cpu_whatever_the_device(data_file, tmp_p
     """RNG states must reach torch.set_rng_state as CPU ByteTensors: a checkpoint mapped to the
     training device (here 'meta', standing in for CUDA) made every CUDA resume crash."""
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
-    cfg = small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True)
+    cfg = small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True)
     state = claim_run(cfg, tmp_path / "r")
     assert all(t.device.type == "cpu" for r in state["rng"] for t in r.values())
     data, ids = load_data(cfg, torch.device("cpu"))
@@ -84,7 +84,7 @@ def test_a_changed_world_size_is_said_in_one_line(data_file, tmp_path, capsys):
     state = ckpt.load(tmp_path / "r" / "latest.pt")
     state["rng"] = state["rng"] * 2  # as written by two ranks
     state["epoch_loss"] = state["epoch_loss"] * 2
-    cfg = small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True)
+    cfg = small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True)
     data, ids = load_data(cfg, torch.device("cpu"))
     Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", ids).resume(state)
     lines = [line for line in capsys.readouterr().out.splitlines() if "rank(s)" in line]
@@ -96,7 +96,7 @@ def test_a_torchrun_restart_resumes_even_with_overwrite(data_file, tmp_path, mon
     throw away everything the failed round trained."""
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__overwrite=True))
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__overwrite=True))
     rows = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 4]  # the restart continued at step 4
     assert [r["epoch"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
@@ -108,7 +108,7 @@ def test_amp_may_change_on_resume(data_file, tmp_path, capsys, first, then):
     """off/bf16 -> fp16 crashed in GradScaler.load_state_dict; fp16 -> off dropped the scale silently."""
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1, train__amp=first))
     capsys.readouterr()
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__amp=then, train__resume=True))
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__amp=then, run__resume=True))
     out = capsys.readouterr().out
     expected = "starting a fresh loss scaler" if then == "fp16" else "its loss scale is dropped"
     assert sum(expected in line for line in out.splitlines()) == 1
@@ -167,7 +167,7 @@ def test_ranks_without_a_shared_filesystem_resume_and_test_from_rank_0(data_file
     shared = small_config(data_file, tmp_path / "shared", train__num_epochs=3, **kw)
     mp.start_processes(_rank_with_own_dir, args=(2, free_port(), shared), nprocs=2, start_method="spawn")
     for epochs, resume in ((2, False), (3, True)):
-        cfg = small_config(data_file, tmp_path / "split", train__num_epochs=epochs, train__resume=resume, **kw)
+        cfg = small_config(data_file, tmp_path / "split", train__num_epochs=epochs, run__resume=resume, **kw)
         mp.start_processes(_rank_with_own_dir, args=(2, free_port(), cfg), nprocs=2, start_method="spawn")
     straight, split = tmp_path / "shared" / "rank0", tmp_path / "split" / "rank0"
     a, b = ckpt.load(straight / "latest.pt"), ckpt.load(split / "latest.pt")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqrec import bench
+from seqrec.tools import bench
 from seqrec.tools import gpucheck as gc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
 """Each loss against a direct computation; gBCE(t=0) = BCE; chunked CE = unchunked CE, also
 under bf16 autocast; shared negatives and the logQ correction; popularity sampling; every loss
-traced whole by torch.compile and free of host syncs."""
+traced whole by torch.compile and free of host syncs; the registry, and the example loss of
+docs/ARCHITECTURE.md trained through it."""
 from __future__ import annotations
 
 import math
@@ -9,24 +10,35 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import REPO, small_config, train_losses
+from seqrec import config, losses
+from seqrec.callbacks import Callback
 from seqrec.cli import run
 from seqrec.config import ConfigError, ModelConfig, TrainConfig, validate
 from seqrec.data.sampling import ItemSampler, hash_ints
-from seqrec.losses import BCELoss, FullCrossEntropyLoss, GBCELoss, SampledSoftmaxLoss, build_loss
+from seqrec.data.tensors import BatchPlan, Negatives
+from seqrec.losses import LOSSES, BCELoss, FullCrossEntropyLoss, GBCELoss, SampledSoftmaxLoss, build_loss, register
 from seqrec.models import build_model
 from seqrec.tools.opcount import count_ops
 
 
 class Table(torch.nn.Module):
-    """Just an item table with the model scoring API."""
+    """Just an item table with the model scoring API (the references below read the table itself)."""
 
     def __init__(self, num_items=30, dim=8):
         super().__init__()
         self.item_emb = torch.nn.Embedding(num_items + 1, dim)
 
+    def item_vectors(self, items=None):
+        if items is None:
+            return self.item_emb.weight
+        return self.item_emb.weight[items] if isinstance(items, slice) else self.item_emb(items)
+
     def score(self, hidden, items):
-        return (self.item_emb(items) * hidden).sum(-1)
+        return (self.item_vectors(items) * hidden).sum(-1)
+
+    def score_all(self, hidden, items=slice(None)):
+        return hidden @ self.item_vectors(items).t()
 
 
 def make_batch(k, seed=0, num_items=30):
@@ -56,7 +68,7 @@ def model():
 @pytest.mark.parametrize("k", [1, 4])
 def test_bce_by_hand(model, k):
     hidden, batch = make_batch(k)
-    total, count = BCELoss(k)(model, hidden, batch)
+    total, count = BCELoss(Negatives(k))(model, hidden, batch)
     sig = torch.sigmoid
     expected = sum(-torch.log(sig(p)) - sum(torch.log(1 - sig(n)) for n in ns) for p, ns in reference_terms(model, hidden, batch))
     assert count == 13 and torch.allclose(total, expected.float(), rtol=1e-5)
@@ -64,7 +76,7 @@ def test_bce_by_hand(model, k):
 
 def test_gbce_matches_its_definition_and_t0_is_bce(model):
     hidden, batch = make_batch(4)
-    loss = GBCELoss(4, num_items=30, t=0.75)
+    loss = GBCELoss(Negatives(4), num_items=30, t=0.75)
     alpha = 4 / 29
     beta = alpha * (0.75 * (1 - 1 / alpha) + 1 / alpha)
     assert loss.beta == pytest.approx(beta)
@@ -72,19 +84,20 @@ def test_gbce_matches_its_definition_and_t0_is_bce(model):
     expected = sum(-beta * torch.log(sig(p)) - sum(torch.log(1 - sig(n)) for n in ns)
                    for p, ns in reference_terms(model, hidden, batch))
     assert torch.allclose(loss(model, hidden, batch)[0], expected.float(), rtol=1e-5)
-    assert torch.allclose(GBCELoss(4, 30, t=0.0)(model, hidden, batch)[0], BCELoss(4)(model, hidden, batch)[0])
+    assert torch.allclose(GBCELoss(Negatives(4), 30, t=0.0)(model, hidden, batch)[0],
+                          BCELoss(Negatives(4))(model, hidden, batch)[0])
 
 
 def test_gbce_stays_finite_for_confident_positives(model):
     hidden, batch = make_batch(4)
-    total, _ = GBCELoss(4, 30, t=1.0)(model, hidden * 200, batch)
+    total, _ = GBCELoss(Negatives(4), 30, t=1.0)(model, hidden * 200, batch)
     assert torch.isfinite(total)
 
 
 def test_sampled_softmax_by_hand(model):
     hidden, batch = make_batch(4)
     expected = sum(torch.logsumexp(torch.stack([p, *ns]), 0) - p for p, ns in reference_terms(model, hidden, batch))
-    assert torch.allclose(SampledSoftmaxLoss(4)(model, hidden, batch)[0], expected.float(), rtol=1e-5)
+    assert torch.allclose(SampledSoftmaxLoss(Negatives(4))(model, hidden, batch)[0], expected.float(), rtol=1e-5)
 
 
 def shared_batch(k=6):
@@ -111,8 +124,9 @@ def test_shared_negatives_by_hand(model):
     sig = torch.sigmoid
     bce = sum(-torch.log(sig(p)) - sum(torch.log(1 - sig(n)) for n in ns) for p, ns in rows)
     softmax = sum(torch.logsumexp(torch.stack([p, *ns]), 0) - p for p, ns in rows)
-    assert torch.allclose(BCELoss(6, shared=True)(model, hidden, batch)[0], bce.float(), rtol=1e-5)
-    assert torch.allclose(SampledSoftmaxLoss(6, shared=True)(model, hidden, batch)[0], softmax.float(), rtol=1e-5)
+    shared = Negatives(6, shared=True)
+    assert torch.allclose(BCELoss(shared)(model, hidden, batch)[0], bce.float(), rtol=1e-5)
+    assert torch.allclose(SampledSoftmaxLoss(shared)(model, hidden, batch)[0], softmax.float(), rtol=1e-5)
 
 
 def test_logq_correction_by_hand(model):
@@ -128,12 +142,12 @@ def test_logq_correction_by_hand(model):
             negs = batch["neg"][b, l] if per_position else [j for j in batch["neg"] if j != p]
             logits = torch.stack([h @ model.item_emb.weight[j] - q[j].log() for j in [p, *negs]])
             expected = expected + torch.logsumexp(logits, 0) - logits[0]
-        loss = SampledSoftmaxLoss(batch["neg"].shape[-1], not per_position, sampler, logq=True)
+        loss = SampledSoftmaxLoss(Negatives(batch["neg"].shape[-1], not per_position, sampler))
         assert torch.allclose(loss(model, hidden, batch)[0], expected.float(), rtol=1e-5)
     # Uniform draws: log q is a constant, the correction cancels.
     hidden, batch = make_batch(4)
-    uniform = SampledSoftmaxLoss(4, sampler=ItemSampler(30), logq=True)(model, hidden, batch)[0]
-    assert torch.allclose(uniform, SampledSoftmaxLoss(4)(model, hidden, batch)[0])
+    uniform = SampledSoftmaxLoss(Negatives(4, sampler=ItemSampler(30)))(model, hidden, batch)[0]
+    assert torch.allclose(uniform, SampledSoftmaxLoss(Negatives(4))(model, hidden, batch)[0])
 
 
 def test_popularity_sampler_follows_the_counts():
@@ -149,9 +163,11 @@ def test_shared_negatives_depend_on_the_step_only(data_file):
     from seqrec.data.tensors import SequenceTensors
     data = SequenceTensors(load_sequences(small_config(data_file, data_file.parent).data), 20, "cpu")
     users = data.epoch_order(1, 1)
-    first, other = (data.train_batch(u, 1, 1, 16, shared_step=3)["neg"] for u in (users[:8], users[8:12]))
+    shared = Negatives(16, shared=True)
+    first, other = (data.train_batch(BatchPlan(u, 1, 1, step=3, negatives=shared))["neg"]
+                    for u in (users[:8], users[8:12]))
     assert first.shape == (16,) and torch.equal(first, other)  # every rank and micro-batch of step 3
-    assert not torch.equal(first, data.train_batch(users[:8], 1, 1, 16, shared_step=4)["neg"])
+    assert not torch.equal(first, data.train_batch(BatchPlan(users[:8], 1, 1, step=4, negatives=shared))["neg"])
 
 
 def test_shared_negatives_and_logq_validation(data_file, tmp_path):
@@ -224,7 +240,7 @@ def test_chunked_cross_entropy_under_bf16_autocast():
         return torch.nn.functional.cross_entropy(logits, batch["pos"][valid], reduction="sum")
 
     def chunked(h, t):
-        table_only = SimpleNamespace(item_emb=SimpleNamespace(weight=t))  # all the loss reads of a model
+        table_only = SimpleNamespace(item_vectors=lambda: t)  # all the loss reads of a model
         return FullCrossEntropyLoss(64)(table_only, h, batch)[0]
 
     exact = grads(plain, torch.float64, amp=False)
@@ -254,10 +270,10 @@ def test_each_loss_compiles_whole_and_never_syncs(case):
     loss = build_loss(TrainConfig(**LOSS_CASES[case]), 40, counts)
     model, batch = tiny_sasrec(), sasrec_batch()
     g = torch.Generator().manual_seed(1)
-    k = loss.num_negatives
-    shape = (k,) if loss.shared else (3, 6, k) if k > 1 else (3, 6)
+    k = loss.negatives.count
+    shape = (k,) if loss.negatives.shared else (3, 6, k) if k > 1 else (3, 6)
     batch["neg"] = torch.randint(1, 41, shape, generator=g)
-    if loss.shared:
+    if loss.negatives.shared:
         batch["neg"][0] = batch["pos"][1, 0]  # a collision to mask
     with torch.no_grad():
         hidden = model(batch)
@@ -295,14 +311,52 @@ def test_build_loss_follows_the_flags():
     counts = torch.arange(101)  # training popularity of items 0..100 (0: padding)
     build = lambda **kw: build_loss(TrainConfig(**kw), 100, counts)  # noqa: E731
     bce = build(loss="bce")
-    assert type(bce) is BCELoss and (bce.num_negatives, bce.shared, bce.sampler) == (1, False, None)
-    assert build(loss="bce", num_negatives=16, shared_negatives=True).shared
+    assert type(bce) is BCELoss and bce.negatives == Negatives(count=1, shared=False, sampler=None)
+    assert build(loss="bce", num_negatives=16, shared_negatives=True).negatives.shared
     gbce = build(loss="gbce", num_negatives=8, gbce_t=0.75)
     # alpha = 8/99: beta = alpha (t (1 - 1/alpha) + 1/alpha) = (8/99)(0.75 (1 - 12.375) + 12.375)
     assert type(gbce) is GBCELoss and gbce.beta == pytest.approx(0.310606, abs=1e-6)
-    assert build(loss="gbce").num_negatives == 256
+    assert build(loss="gbce").negatives.count == 256
     plain, logq = build(loss="sampled_softmax"), build(loss="sampled_softmax", logq=True)
-    assert type(plain) is SampledSoftmaxLoss and plain.sampler is None and not plain.logq
-    assert logq.logq and logq.sampler.log_q(torch.tensor([100]))[0] == pytest.approx(math.log(100 / 5050))
+    assert type(plain) is SampledSoftmaxLoss and plain.negatives.sampler is None  # uniform draws, no correction
+    assert logq.negatives.sampler.log_q(torch.tensor([100]))[0] == pytest.approx(math.log(100 / 5050))
     ce = build(loss="ce", ce_chunk_size=7)
     assert type(ce) is FullCrossEntropyLoss and ce.chunk_size == 7
+
+
+def test_the_registry_holds_the_losses_the_config_lists():
+    assert tuple(LOSSES) == config.LOSSES  # the built-ins, in the help text's order
+    with pytest.raises(ValueError, match="already registered to BCELoss"):
+        register("bce")(SampledSoftmaxLoss)
+
+
+def documented_example() -> str:
+    """The Python block of docs/ARCHITECTURE.md's "Adding a loss" section."""
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc.split("## Adding a loss\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+class LossSeen(Callback):
+    def __init__(self):
+        self.types = []
+
+    def on_train_start(self, trainer, row):
+        self.types.append(type(trainer.loss_fn))
+
+
+def test_the_documented_example_loss_trains_through_the_registry(data_file, tmp_path, monkeypatch):
+    """The example is run as the doc shows it, so the two cannot drift: its class and registry
+    line alone make `loss="hinge"` a loss the config accepts and the trainer builds, and two
+    epochs of it lower the loss and beat the untrained model."""
+    monkeypatch.setattr(losses, "LOSSES", dict(LOSSES))  # the registration ends with the test
+    example = {}
+    exec(compile(documented_example(), "docs/ARCHITECTURE.md", "exec"), example)
+    kw = dict(train__loss="hinge", train__num_negatives=8, train__num_epochs=2)
+    untrained = run(small_config(data_file, tmp_path / "lr0", train__lr=0.0, **kw))
+    seen = LossSeen()
+    results = run(validate(small_config(data_file, tmp_path / "r", **kw)), [seen])  # validation reads the registry
+    assert seen.types == [example["HingeLoss"]]
+    first, last = train_losses(tmp_path / "r")
+    assert last < first
+    assert untrained["test"]["full/NDCG@10"] < results["test"]["full/NDCG@10"]

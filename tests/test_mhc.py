@@ -17,13 +17,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqrec.config import ModelConfig
 from seqrec.models import native as native_kernels
-from seqrec.models.mhc import HyperStream, MHCResidual, _Logits, _Update, composite_gain, copies, sinkhorn
+from seqrec.models.attention import SequenceContext
 from seqrec.models.blocks import FeedForward, Residual
+from seqrec.models.mhc import MHCResidual, composite_gain, copies
+from seqrec.models.mhc_ops import _Logits, _Update, sinkhorn
 from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec
 from seqrec.tools.opcount import count_ops
 
 RATES = [1, 2, 4, 8]
+NO_CONTEXT = SequenceContext()  # what a FeedForward sub-layer is given (and ignores)
 NUM_ITEMS = 30
 
 
@@ -206,7 +209,7 @@ def test_block_equals_the_definition_token_by_token(n, order, native):
         block.static.normal_()
     x = torch.randn(2, 5, n, 16, dtype=torch.float64)
     check_path(block, x, native)
-    out = block(x, {})
+    out = block(x, NO_CONTEXT)
     phi, alpha, static = block.phi.detach(), block.alpha.detach(), block.static.detach()
     scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
     with torch.no_grad():
@@ -218,7 +221,7 @@ def test_block_equals_the_definition_token_by_token(n, order, native):
                 h_pre, h_post = torch.sigmoid(logits[:n]), 2 * torch.sigmoid(logits[n:2 * n])
                 h_res = unrolled_sinkhorn(logits[2 * n:].view(n, n), block.iters)
                 branch = h_pre @ streams
-                f = block.sublayer(branch if order == "post" else block.norm(branch), {})
+                f = block.sublayer(branch if order == "post" else block.norm(branch), NO_CONTEXT)
                 if order == "ligr":
                     f = torch.sigmoid(block.gate.weight @ branch + block.gate.bias) * f
                 expected = h_res @ streams + h_post[:, None] * f[None, :]
@@ -255,7 +258,7 @@ def test_block_backward_gradcheck(native):
               if name in ("phi", "alpha", "static")}
 
     def run(x, phi, alpha, static):
-        return functional_call(block, {"phi": phi, "alpha": alpha, "static": static}, (x, {}))
+        return functional_call(block, {"phi": phi, "alpha": alpha, "static": static}, (x, NO_CONTEXT))
 
     assert torch.autograd.gradcheck(run, (x, params["phi"], params["alpha"], params["static"]), fast_mode=True)
 
@@ -288,7 +291,7 @@ def test_update_backward_gradcheck():
 class _Same(nn.Module):
     """A sub-layer of no ops of its own: op counts are then the mHC block's alone."""
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         return x
 
 
@@ -308,7 +311,7 @@ def test_pytorch_path_op_count(order):
             x.requires_grad_()
             grad = torch.randn(2, 12, 4, 16)
             with count_ops() as c:
-                block(x, {}).backward(grad)
+                block(x, NO_CONTEXT).backward(grad)
             assert c.syncs == 0
             counts[widens, iters] = c
     assert counts[False, 20].ops <= 121 and counts[True, 20].ops <= 42
@@ -342,7 +345,7 @@ def test_coefficients_and_sinkhorn_run_in_fp32_under_bf16_autocast():
                "_log_softmax", "_log_softmax_backward_data", "_softmax", "_softmax_backward_data"}
     with _DtypeRecorder() as recorder:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = block(x, {})
+            out = block(x, NO_CONTEXT)
         out.float().square().sum().backward()
     ops = [(name, dtypes) for name, dtypes in recorder.seen if name in watched]
     assert {name for name, _ in ops} == watched
@@ -392,8 +395,8 @@ def test_block_matches_plain_residual_at_init(n, order):
     x = torch.randn(3, 7, 16)
     for gate, tol in ((0.0, 2e-3 if n == 1 and order != "pre" else 1e-5), (0.01, 2e-2)):
         plain, block = block_pair(n, order, gate)
-        expected = plain(x, {})
-        out = block(copies(x, n), {})
+        expected = plain(x, NO_CONTEXT)
+        out = block(copies(x, n), NO_CONTEXT)
         assert out.shape == (3, 7, n, 16)
         for stream in out.unbind(-2):
             assert (stream - expected).norm() / expected.norm() < tol
@@ -487,7 +490,7 @@ def test_widening_equals_the_block_on_n_copies(n, order, native):
     weights = torch.randn(3, 7, n, 16, dtype=torch.float64)
     results = []
     for block, streams in ((full, copies(x, n)), (wide, x)):
-        out = block(streams, {})
+        out = block(streams, NO_CONTEXT)
         grads = torch.autograd.grad((out * weights).sum(), [x, *block.parameters()])
         results.append((out, *grads))
     for expected, got in zip(*results):

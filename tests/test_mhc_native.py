@@ -14,8 +14,9 @@ import torch
 
 from seqrec.config import ModelConfig
 from seqrec.models import native
-from seqrec.models.mhc import HyperStream, MHCResidual
+from seqrec.models.attention import SequenceContext
 from seqrec.models.blocks import FeedForward
+from seqrec.models.mhc import HyperStream, MHCResidual
 from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec
 
@@ -59,16 +60,23 @@ def pytorch_block(n: int, dim: int, params: list[torch.Tensor], iters: int = 20)
     return block
 
 
+def premix(block: MHCResidual, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H_res·x, H_pre·x, H_post) as the block computes them before its sub-layer, on the
+    path it takes for x."""
+    res, branch, h, gain = block.mix(x, block.runs_native(x))
+    return res, branch, gain * h
+
+
 @pytest.mark.parametrize("spread", [1.0, 80.0])
 def test_kernel_equals_the_pytorch_path(spread):
     """Outputs and gradients of (H_res·x, H_pre·x, H_post) equal MHCResidual.mix on PyTorch
-    ops, including Sinkhorn entries floored at exp(-60) (spread 80), which get no gradient."""
+    ops (its twin), including Sinkhorn entries floored at exp(-60) (spread 80), which get no gradient."""
     n, dim = 4, 5
     params = coefficient_parameters(n, dim, spread)
     block = pytorch_block(n, dim, params)
     x = torch.randn(2, 21, n, dim, dtype=torch.float64, requires_grad=True)
     assert not block.runs_native(x)
-    expected = block.mix(x)
+    expected = premix(block, x)
     leaves = [t.requires_grad_() for t in params]
     got = native.PreMix.apply(x, *leaves, 20)
     for a, b in zip(got, expected):
@@ -200,7 +208,7 @@ def test_no_amp_under_autocast_runs_the_kernel():
     x = torch.randn(3, 7, n, dim)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert blocks[0].runs_native(x) and not blocks[1].runs_native(x)
-        results = [block.mix(x) for block in blocks]
+        results = [premix(block, x) for block in blocks]
         blocks[0].no_amp = False
         assert not blocks[0].runs_native(x)
     for a, b in zip(*results):
@@ -218,7 +226,7 @@ def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
         block = MHCResidual(FeedForward(8, 0.0), ModelConfig(hidden_units=8, mhc_expansion_rate=2))
         x = torch.randn(2, 3, 2, 8)
         assert not block.runs_native(x)
-        assert torch.isfinite(block(x, {})).all()
+        assert torch.isfinite(block(x, SequenceContext())).all()
     finally:
         native.library.cache_clear()
 

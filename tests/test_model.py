@@ -3,7 +3,7 @@ import torch
 
 from seqrec.config import ModelConfig
 from seqrec.models import SASRec, build_model
-from seqrec.models.attention import attention_mask
+from seqrec.models.attention import SequenceContext, attention_mask
 from seqrec.models.dropout import Dropout
 
 
@@ -59,8 +59,8 @@ def test_real_positions_never_attend_to_padding(block):
     inside = torch.arange(items.shape[1]) < real.sum(1, keepdim=True)
 
     def scramble(module, args):
-        x, ctx = args
-        return x.masked_scatter(~inside[..., None].expand_as(x), torch.randn_like(x)[~inside]), ctx
+        x, context = args
+        return x.masked_scatter(~inside[..., None].expand_as(x), torch.randn_like(x)[~inside]), context
 
     handles = [layer.register_forward_pre_hook(scramble) for layer in model.layers]
     out = model({"items": items})
@@ -78,7 +78,7 @@ def test_rotated_rows_match_left_padded_masked_attention(block, mhc):
     model = make_model(block, mhc=mhc)
     items = left_padded([9, 7, 5, 1])
     real = items != 0
-    reference = model.encode(model.embed(items), {"mask": attention_mask(items)})
+    reference = model.encode(model.embed(items), SequenceContext(mask=attention_mask(items)))
     torch.testing.assert_close(model({"items": items})[real], reference[real], rtol=0, atol=1e-5)
     cut = items[:, -9:]  # the first 3 columns are padding in every row
     torch.testing.assert_close(model({"items": cut})[cut != 0], reference[:, -9:][cut != 0], rtol=0, atol=1e-5)
@@ -131,3 +131,30 @@ def test_dropout_keeps_one_minus_p_scaled_up_and_is_the_identity_in_eval():
     assert torch.allclose(y[kept], torch.tensor(1 / 0.7))
     assert not torch.equal(dropout(x), y)  # a fresh mask per call
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_parameter_names_and_shapes_are_the_checkpoint_layout():
+    """Checkpoints store the state dict by name: these names and shapes are what earlier runs
+    wrote (plain SASRec, and TiSASRec with mHC and LiGR blocks, one block each), so any change
+    to them must come with a mapping in load_state_dict."""
+    attention = {"qkv.weight": (48, 16), "qkv.bias": (48,), "out.weight": (16, 16), "out.bias": (16,)}
+    norm = {"norm.weight": (16,), "norm.bias": (16,)}
+    final = {"item_emb.weight": (31, 16), "final_norm.weight": (16,), "final_norm.bias": (16,)}
+    sasrec = {**final, "pos_emb.weight": (13, 16),
+              **{f"layers.0.sublayer.{k}": v for k, v in attention.items()},
+              **{f"layers.0.{k}": v for k, v in norm.items()},
+              **{f"layers.1.sublayer.{k}": v for k, v in {"net.0.weight": (16, 16), "net.0.bias": (16,),
+                                                         "net.3.weight": (16, 16), "net.3.bias": (16,)}.items()},
+              **{f"layers.1.{k}": v for k, v in norm.items()}}
+    mhc = {"phi": (64, 24), "alpha": (3,), "static": (24,), "gate.weight": (16, 16), "gate.bias": (16,), **norm}
+    tables = {"pos_k.weight": (12, 16), "pos_v.weight": (12, 16), "interval_k.weight": (101, 16),
+              "interval_v.weight": (101, 16)}
+    tisasrec = {**final, "stream.weights": (4,),
+                **{f"layers.{i}.{k}": v for i in (0, 1) for k, v in mhc.items()},
+                **{f"layers.0.sublayer.{k}": v for k, v in {**attention, **tables}.items()},
+                **{f"layers.1.sublayer.{k}": (16, 16) for k in ("w1.weight", "w2.weight", "w3.weight")}}
+    for variant, expected in ((dict(time=False, mhc=False, block="post"), sasrec),
+                              (dict(time=True, mhc=True, block="ligr"), tisasrec)):
+        cfg = ModelConfig(maxlen=12, hidden_units=16, num_heads=2, num_blocks=1, **variant)
+        state = build_model(cfg, num_items=30).state_dict()
+        assert {name: tuple(t.shape) for name, t in state.items()} == expected

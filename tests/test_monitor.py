@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import torch
 
@@ -32,15 +33,21 @@ def test_no_gpu_fields_on_cpu():
 
 def test_cuda_fields_from_torch_and_nvml(monkeypatch):
     """The CUDA branch, with torch.cuda's counters faked (no GPU on the test machine)."""
-    calls = []
+    calls, clock = [], [100.0]
+
+    def synchronize(device):  # the queued steps take 2.5 s to finish
+        calls.append(("sync", device))
+        clock[0] += 2.5
+
+    monkeypatch.setattr(monitor, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(device))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "utilization", lambda device: 57)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append(("sync", device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     device = torch.device("cuda", 0)
     meter = monitor.EpochMonitor(device)
     assert calls == [device]  # the peak-memory window opens with the epoch
-    assert meter.elapsed() >= 0 and calls[-1] == ("sync", device)  # the epoch's time includes queued GPU work
+    assert meter.elapsed() == 2.5 and calls[-1] == ("sync", device)  # the clock is read after the queued GPU work
     assert meter.report(10, 1.0) == {"seq_per_s": 10.0, "seq_per_s_rank": [10.0], "gpu_mem_gib": [3.0],
                                      "gpu_util_pct": [57]}
 

@@ -29,9 +29,9 @@ def test_refused_overwrite_and_resume_leave_the_old_run_untouched(data_file, tmp
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
     before = snapshot(tmp_path / "r")
     with pytest.raises(DataError):
-        run(small_config(tmp_path / "missing.txt", tmp_path / "r", train__overwrite=True))
+        run(small_config(tmp_path / "missing.txt", tmp_path / "r", run__overwrite=True))
     with pytest.raises(TrainingError, match="--hidden_units 32 differs"):
-        run(small_config(data_file, tmp_path / "r", train__resume=True, model__hidden_units=32))
+        run(small_config(data_file, tmp_path / "r", run__resume=True, model__hidden_units=32))
     assert snapshot(tmp_path / "r") == before
 
 
@@ -41,19 +41,19 @@ def test_a_run_killed_between_its_two_saves_still_counts_as_a_run(data_file, tmp
     with pytest.raises(ConfigError, match="already holds a run"):
         run(small_config(data_file, tmp_path / "r"))
     with pytest.raises(ConfigError, match="no latest.pt to resume from"):
-        run(small_config(data_file, tmp_path / "r", train__resume=True))
+        run(small_config(data_file, tmp_path / "r", run__resume=True))
 
 
 def test_a_second_run_on_a_locked_directory_is_refused(data_file, tmp_path):
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
     holder = RunLock(tmp_path / "r").acquire()  # as another live run would hold it
     try:
-        for kw in ({"train__resume": True}, {"train__overwrite": True}):
+        for kw in ({"run__resume": True}, {"run__overwrite": True}):
             with pytest.raises(ConfigError, match=rf"in use by another run \(host .*, pid {os.getpid()}\)"):
                 run(small_config(data_file, tmp_path / "r", train__num_epochs=2, **kw))
     finally:
         holder.release()
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True))  # free again
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True))  # free again
 
 
 def test_a_killed_holder_releases_its_lock(tmp_path):
@@ -83,13 +83,13 @@ def test_a_refused_start_in_a_new_directory_leaves_nothing_behind(tmp_path):
 def test_resume_refuses_what_changes_the_data_order(data_file, tmp_path, change, shown):
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1, train__save_every_steps=2))
     with pytest.raises(TrainingError, match=shown):
-        run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True, **change))
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True, **change))
 
 
 def test_resume_accepts_regrouping_and_resets_a_best_score_measured_otherwise(data_file, tmp_path, capsys):
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
     capsys.readouterr()
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True, train__grad_accum_steps=2,
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True, train__grad_accum_steps=2,
                      train__length_buckets=3, eval__select_metric="full/NDCG@10"))
     out = capsys.readouterr().out
     assert "select_metric changed since the checkpoint" in out and "is reset" in out
@@ -120,7 +120,7 @@ def test_a_signal_in_training_saves_and_the_resumed_run_is_the_uninterrupted_one
     assert not list((tmp_path / "split").glob(".*.tmp"))
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write('{"type": "train", "epo')
-    run(small_config(data_file, tmp_path / "split", train__resume=True, **kw))
+    run(small_config(data_file, tmp_path / "split", run__resume=True, **kw))
     assert metric_rows(tmp_path / "split") == metric_rows(tmp_path / "straight")
     a, b = ckpt.load(tmp_path / "straight" / "latest.pt"), ckpt.load(tmp_path / "split" / "latest.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -5,6 +5,7 @@ import torch
 
 from seqrec.data import Sequences, SequenceTensors
 from seqrec.data.sampling import ItemSampler, UnseenSampler, hash_ints
+from seqrec.data.tensors import BatchPlan, Negatives
 from seqrec.tools.opcount import count_ops
 
 
@@ -152,8 +153,8 @@ def test_training_negatives_never_hit_the_history(dense):
     sets = history_sets(dense)
     pop = ItemSampler(dense.num_items, dense.item_counts)
     for sampler in (None, pop):
-        neg = dense.train_batch(users, seed=3, epoch=2, num_negatives=16, sampler=sampler)["neg"]
-        real = dense.train_batch(users, 3, 2)["pos"] != 0
+        neg = dense.train_batch(BatchPlan(users, seed=3, epoch=2, negatives=Negatives(16, sampler=sampler)))["neg"]
+        real = dense.train_batch(BatchPlan(users, 3, 2))["pos"] != 0
         assert neg.min() >= 0 and neg.max() <= dense.num_items and torch.equal(neg != 0, real[..., None].expand_as(neg))
         for row, user in enumerate(users.tolist()):
             drawn = set(neg[row].flatten().tolist()) - {0}
@@ -181,33 +182,34 @@ def test_training_negatives_are_uniform_over_the_unseen_items(dense, user):
 def test_negatives_do_not_depend_on_batch_composition_ranks_or_rng(dense, popular):
     sampler = ItemSampler(dense.num_items, dense.item_counts) if popular else None
     users = dense.epoch_order(0, 1)[:24]
-    full = dense.train_batch(users, 1, 4, num_negatives=5, sampler=sampler)["neg"]
+    five = Negatives(5, sampler=sampler)
+    full = dense.train_batch(BatchPlan(users, 1, 4, negatives=five))["neg"]
     torch.manual_seed(123)
-    ranks = [dense.train_batch(users[r::3], 1, 4, num_negatives=5, sampler=sampler)["neg"] for r in range(3)]
+    ranks = [dense.train_batch(BatchPlan(users[r::3], 1, 4, negatives=five))["neg"] for r in range(3)]
     for r, part in enumerate(ranks):  # three ranks, each its strided share
         assert torch.equal(part, full[r::3])
-    reversed_ = dense.train_batch(users.flip(0), 1, 4, num_negatives=5, sampler=sampler)["neg"]
+    reversed_ = dense.train_batch(BatchPlan(users.flip(0), 1, 4, negatives=five))["neg"]
     assert torch.equal(reversed_, full.flip(0))
-    assert not torch.equal(dense.train_batch(users, 2, 4, num_negatives=5, sampler=sampler)["neg"], full)
+    assert not torch.equal(dense.train_batch(BatchPlan(users, 2, 4, negatives=five))["neg"], full)
 
 
 # ---------------------------------------------------------------- what a step costs a GPU
 @pytest.mark.parametrize("name, kwargs, bound", [
-    ("bce k=1", dict(num_negatives=1), 25), ("k=256", dict(num_negatives=256), 25),
-    ("shared k=256", dict(num_negatives=256, shared_step=3), 20),
-    ("popularity k=1", dict(num_negatives=1, popular=True), 27),
-    ("popularity k=256", dict(num_negatives=256, popular=True), 27),
-    ("popularity shared", dict(num_negatives=256, shared_step=3, popular=True), 20)])
+    ("bce k=1", dict(count=1), 25), ("k=256", dict(count=256), 25),
+    ("shared k=256", dict(count=256, shared=True), 20),
+    ("popularity k=1", dict(count=1, popular=True), 27),
+    ("popularity k=256", dict(count=256, popular=True), 27),
+    ("popularity shared", dict(count=256, shared=True, popular=True), 20)])
 def test_train_batch_has_no_sync_and_few_ops(dense, name, kwargs, bound):
     """Measured (torch 2.13): 25 ops for per-position uniform negatives at any k, 27 with
     popularity, 20 shared; the rejection loop took ~500-1800 and 25-100 syncs per batch."""
     kwargs = dict(kwargs)
     if kwargs.pop("popular", False):
         kwargs["sampler"] = ItemSampler(dense.num_items, dense.item_counts)
-    users = dense.train_users[:32]
-    dense.train_batch(users, 0, 1, **kwargs)  # a popularity sampler's tables are built on first use
+    plan = BatchPlan(dense.train_users[:32], 0, 1, step=3, negatives=Negatives(**kwargs))
+    dense.train_batch(plan)  # a popularity sampler's tables are built on first use
     with count_ops() as c:
-        dense.train_batch(users, 0, 1, **kwargs)
+        dense.train_batch(plan)
     assert c.syncs == 0, c.sync_by_op
     assert c.ops <= bound, c.by_op
 

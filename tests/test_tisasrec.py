@@ -1,5 +1,6 @@
 """TiSASRec: the efficient attention equals the literal formula; interval buckets; masking."""
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -60,11 +61,11 @@ def test_efficient_attention_equals_reference(heads, block, dtype):
     tol = TOLERANCE[dtype]
 
     layer = model.layers[0].sublayer
-    ctx = model.context(batch)
+    context = model.context(batch)
     outs, grads = [], []
     for attend in (layer, functools.partial(reference_attention, layer)):
         x = torch.randn(*real.shape, DIM, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        out = attend(x, ctx)
+        out = attend(x, context)
         params = [x, *layer.parameters()]
         outs.append(out[real])
         grads.append(torch.autograd.grad((out * weights)[real].sum(), params))
@@ -146,8 +147,8 @@ def test_padding_never_reaches_real_positions(block):
     base = model(batch)
 
     def scramble(module, args):
-        x, ctx = args
-        return x.masked_scatter(~real[..., None].expand_as(x), torch.randn_like(x)[~real]), ctx
+        x, context = args
+        return x.masked_scatter(~real[..., None].expand_as(x), torch.randn_like(x)[~real]), context
 
     handles = [layer.register_forward_pre_hook(scramble) for layer in model.layers]
     noisy_times = batch["times"].masked_fill(~real, 1_234_567)
@@ -166,11 +167,11 @@ def test_single_item_row_and_query_without_visible_key_stay_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
     layer = model.layers[0].sublayer
-    ctx = model.context(batch)
-    ctx["mask"] = ctx["mask"].clone()
-    ctx["mask"][1, :, 4] = False  # query 4 of row 1 sees no key at all
+    context = model.context(batch)
+    context = dataclasses.replace(context, mask=context.mask.clone())
+    context.mask[1, :, 4] = False  # query 4 of row 1 sees no key at all
     x = torch.randn(2, MAXLEN, DIM, dtype=torch.float64, requires_grad=True)
-    out = layer(x, ctx)
+    out = layer(x, context)
     out.sum().backward()
     assert torch.equal(out[1, 4], layer.out.bias)  # zero attention output, then the projection's bias
     assert torch.isfinite(x.grad).all()

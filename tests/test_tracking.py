@@ -102,14 +102,14 @@ def test_tensorboard_event_files_and_resume(tmp_path):
     assert not any(t.startswith("test/") for t in got), "test=False never evaluates the test split"
 
     # A resume continues the same event stream: every epoch's validation once, no duplicates.
-    cfg.train.num_epochs, cfg.train.resume = 3, True
+    cfg.train.num_epochs, cfg.run.resume = 3, True
     run(cfg, test=False)
     _, got = scalars()
     valid = [r for r in rows(run_dir) if r["type"] == "valid"]
     assert len(valid) == 3
     assert [v for _, v in got["sampled/NDCG@10"]] == pytest.approx([r["sampled/NDCG@10"] for r in valid], rel=1e-6)
     # A fresh start (--overwrite) drops the old run's event files.
-    cfg.train.num_epochs, cfg.train.resume, cfg.train.overwrite = 1, False, True
+    cfg.train.num_epochs, cfg.run.resume, cfg.run.overwrite = 1, False, True
     run(cfg, test=False)
     _, got = scalars()
     assert len(got["sampled/NDCG@10"]) == 1
@@ -171,7 +171,7 @@ def test_mlflow_run_params_metrics_tags_artifacts_and_resume(tmp_path, mlflow_st
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlartifacts").exists()
 
     # Resume: the same MLflow run, params untouched, the changed setting as a tag.
-    cfg.train.num_epochs, cfg.train.resume, cfg.train.early_stop_patience = 3, True, 5
+    cfg.train.num_epochs, cfg.run.resume, cfg.train.early_stop_patience = 3, True, 5
     run(cfg)
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
@@ -184,7 +184,7 @@ def test_mlflow_run_params_metrics_tags_artifacts_and_resume(tmp_path, mlflow_st
     assert steps == [r["step"] for r in rows(run_dir) if r["type"] == "train"]
 
     # --overwrite starts a new MLflow run.
-    cfg.train.num_epochs, cfg.train.resume, cfg.train.overwrite = 1, False, True
+    cfg.train.num_epochs, cfg.run.resume, cfg.run.overwrite = 1, False, True
     run(cfg, test=False)
     assert len(client.search_runs([experiment.experiment_id])) == 2
     assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() != run_id

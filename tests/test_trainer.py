@@ -26,7 +26,7 @@ def params(path):
 def test_resume_equals_uninterrupted(data_file, tmp_path, kw):
     run(small_config(data_file, tmp_path / "straight", train__num_epochs=4, train__eval_every=2, **kw))
     run(small_config(data_file, tmp_path / "split", train__num_epochs=2, train__eval_every=2, **kw))
-    run(small_config(data_file, tmp_path / "split", train__num_epochs=4, train__eval_every=2, train__resume=True, **kw))
+    run(small_config(data_file, tmp_path / "split", train__num_epochs=4, train__eval_every=2, run__resume=True, **kw))
     a, b = params(tmp_path / "straight" / "latest.pt"), params(tmp_path / "split" / "latest.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     trained = lambda d: [r for r in metric_rows(tmp_path / d) if r["type"] != "test"]  # noqa: E731
@@ -50,7 +50,7 @@ def test_resume_after_a_crash_mid_epoch(data_file, tmp_path, monkeypatch):
         run(small_config(data_file, tmp_path / "crashed", **kw))
     assert ckpt.load(tmp_path / "crashed" / "latest.pt")["epoch"] == 2
     monkeypatch.setattr(BCELoss, "__call__", original)
-    run(small_config(data_file, tmp_path / "crashed", train__resume=True, **kw))
+    run(small_config(data_file, tmp_path / "crashed", run__resume=True, **kw))
     a, b = params(tmp_path / "straight" / "latest.pt"), params(tmp_path / "crashed" / "latest.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -59,7 +59,7 @@ def test_existing_run_needs_resume_or_overwrite(data_file, tmp_path):
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
     with pytest.raises(ConfigError, match="--resume to continue it or --overwrite"):
         run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=1, train__overwrite=True))
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1, run__overwrite=True))
     rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(r)["type"] == "train" for r in rows) == 1
 
@@ -67,7 +67,7 @@ def test_existing_run_needs_resume_or_overwrite(data_file, tmp_path):
 def test_resume_refuses_a_reshaped_model(data_file, tmp_path):
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
     with pytest.raises(TrainingError, match="--hidden_units 32 differs"):
-        run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True, model__hidden_units=32))
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True, model__hidden_units=32))
 
 
 def test_a_checkpoint_from_before_the_block_option_resumes(data_file, tmp_path):
@@ -79,12 +79,12 @@ def test_a_checkpoint_from_before_the_block_option_resumes(data_file, tmp_path):
     del model["block"], model["ffn_mult"]
     model["norm_first"] = False
     ckpt.save(state, tmp_path / "r" / "latest.pt")
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True))
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True))
     assert ckpt.load(tmp_path / "r" / "latest.pt")["epoch"] == 2
     model["norm_first"] = True  # a pre-LN run is another model
     ckpt.save(state, tmp_path / "r" / "latest.pt")
     with pytest.raises(TrainingError, match="--block post differs from the checkpoint's pre"):
-        run(small_config(data_file, tmp_path / "r", train__num_epochs=3, train__resume=True))
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=3, run__resume=True))
 
 
 def nan_at(steps):
@@ -145,8 +145,8 @@ def test_checkpoint_is_weights_only_and_atomic(data_file, tmp_path, monkeypatch)
 
 def test_inference_only_reproduces_final_metrics(data_file, tmp_path):
     results = run(small_config(data_file, tmp_path / "r", train__num_epochs=2))
-    again = run(small_config(data_file, tmp_path / "other", train__inference_only=True,
-                             train__state_dict_path=str(tmp_path / "r" / "best.pt")))
+    again = run(small_config(data_file, tmp_path / "other", run__inference_only=True,
+                             run__state_dict_path=str(tmp_path / "r" / "best.pt")))
     assert again["test"] == results["test"]
 
 
@@ -224,7 +224,7 @@ def test_length_buckets_change_work_not_gradients(data_file, tmp_path, model_kw)
 
 def test_each_start_and_resume_records_its_provenance(data_file, tmp_path):
     run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, train__resume=True))
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True))
     rows = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 4]  # 4 steps per epoch: the resume starts after epoch 1
     assert all(r["torch"] == torch.__version__ and r["world_size"] == 1 and r["device"].startswith("CPU")
@@ -255,7 +255,7 @@ def test_callbacks_see_every_row_the_run_writes(data_file, tmp_path):
     kw = dict(train__log_every=3, train__eval_every=2, train__length_buckets=1)
     first, second = Recorder(), Recorder()
     run(small_config(data_file, tmp_path / "r", train__num_epochs=2, **kw), callbacks=[first])
-    run(small_config(data_file, tmp_path / "r", train__num_epochs=3, train__resume=True, **kw), callbacks=[second])
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=3, run__resume=True, **kw), callbacks=[second])
     for recorder, resumed in ((first, False), (second, True)):
         assert recorder.events[0][0] == "start" and recorder.events[0][1]["resumed"] is resumed
         assert recorder.events[-1][0] == "end" and "test" in recorder.events[-1][1]

@@ -106,9 +106,9 @@ def test_search_failed_trials_best_yaml_csv_and_test_split_once(setup, capsys):
     best_cfg = parse_config(["--config", str(study_dir / "best.yaml")])
     trial_cfg = parse_config(["--config", str(Path(best.user_attrs["run_dir"]) / "config.yaml")])
     assert best_cfg.train.train_dir == str(Path("runs") / "tune-base" / "best")
-    assert not best_cfg.train.overwrite and not best_cfg.train.resume
+    assert not best_cfg.run.overwrite and not best_cfg.run.resume
     for cfg in (best_cfg, trial_cfg):
-        cfg.train.train_dir, cfg.train.overwrite = None, False
+        cfg.train.train_dir, cfg.run.overwrite = None, False
     assert to_dict(best_cfg) == to_dict(trial_cfg)
     assert best_cfg.train.lr == best.params["lr"] and best_cfg.model.num_heads == 2
 

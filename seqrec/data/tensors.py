@@ -43,6 +43,38 @@ class EvalSplit:
         return out
 
 
+@dataclass(frozen=True)
+class Negatives:
+    """The sampled negatives a loss asks the data layer for (each loss in seqrec.losses declares its own)."""
+
+    count: int = 0  # per position, or for the whole step when shared; 0 = none (the loss scores the catalogue)
+    shared: bool = False  # one [count] set for the whole step, scored with one matmul, instead of a set per position
+    sampler: ItemSampler | None = None  # their distribution (None: uniform); popularity for the logQ correction
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One training micro-batch as the trainer plans it on the host; `train_batch` builds it.
+
+    A plan rather than loose arguments because every field is a key of what the batch holds:
+    users and width pick the windows, (seed, epoch) the per-position negatives, (seed, epoch,
+    step) a shared set, `negatives` what the loss declared, `rows` the shape a compiled graph wants.
+    """
+
+    users: torch.Tensor  # [B] user indices, on the data's device
+    seed: int
+    epoch: int
+    step: int = 0  # the optimizer step: keys shared negatives
+    width: int | None = None  # keep the last `width` columns of the window (None: maxlen)
+    rows: int | None = None  # pad to this many rows and make contiguous (None: as sliced)
+    negatives: Negatives = Negatives()
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with `rows` rows of zeros (padding) appended along the first dimension."""
+    return torch.cat([t, t.new_zeros((rows, *t.shape[1:]))])
+
+
 class SequenceTensors:
     """Everything the trainer and evaluator read, resident on one device."""
 
@@ -106,37 +138,49 @@ class SequenceTensors:
             self._unseen_popular = sampler, UnseenSampler(self.train_history, self.num_items, self.num_users, sampler)
         return self._unseen_popular[1]
 
-    def train_batch(self, users: torch.Tensor, seed: int, epoch: int, num_negatives: int = 1,
-                    sampler: ItemSampler | None = None, shared_step: int | None = None,
-                    width: int | None = None) -> Batch:
-        """Inputs, positives and negatives for a batch of users.
+    def train_batch(self, plan: BatchPlan) -> Batch:
+        """Inputs, positives and (as `plan.negatives` asks) negatives for a batch of users.
 
-        Negatives are [B, L] for k = 1, [B, L, k] for k > 1, none for k = 0, each outside the
-        user's training history, drawn from `sampler`'s distribution (default uniform)
-        restricted to the items outside it, loop-free and without reading the device; with
-        `shared_step` they are one [k] set keyed by (seed, epoch, step) alone, so every rank
-        and micro-batch of that step gets the same set, and may hit a position's positive
-        (the loss masks those). `width` keeps only the last `width` positions (the right end
-        of the left-padded window, where a batch of short histories has all its items);
-        every kept entry, negatives included, is the one the full-width batch has in that
-        column: a negative is a function of (seed, epoch, user, column, index) alone.
+        `plan.width` keeps only the last `width` positions (the right end of the left-padded
+        window, where a batch of short histories has all its items); every kept entry,
+        negatives included, is the one the full-width batch has in that column: a negative is
+        a function of (seed, epoch, user, column, index) alone. With `plan.rows` the batch is
+        padded with rows of padding (positive 0 everywhere, so they add nothing to a loss or its
+        gradient) and made contiguous: the fixed shapes and strides a compiled graph is
+        specialised for.
         """
-        width = self.maxlen if width is None else width
-        window = self.train_items[users, self.maxlen - width:]
+        width = plan.width or self.maxlen
+        window = self.train_items[plan.users, self.maxlen - width:]
         items = window[:, :-1]
         padding = items == 0  # left padding: the target of a real input is real, so pos == 0 here too
         pos = window[:, 1:].masked_fill(padding, 0)  # a padded input has no target (as in the SASRec port)
         batch = {"items": items, "pos": pos}
-        if num_negatives and shared_step is not None:
-            slots = torch.arange(num_negatives, device=users.device)
-            sampler = sampler or ItemSampler(self.num_items)
-            batch["neg"] = sampler(hash_ints(seed, STREAM_SHARED, epoch, shared_step, slots))
-        elif num_negatives:  # a full-softmax loss needs none
-            slots = torch.arange((self.maxlen - width) * num_negatives, self.maxlen * num_negatives,
-                                 device=users.device).view(width, num_negatives)
-            neg = self._unseen_sampler(sampler).draw(users, slots, seed, STREAM_TRAIN, epoch)
-            neg = neg.masked_fill_(padding[..., None], 0)
-            batch["neg"] = neg if num_negatives > 1 else neg[..., 0]
+        if plan.negatives.count:  # a full-softmax loss needs none
+            batch["neg"] = self._shared_negatives(plan) if plan.negatives.shared else self._negatives(plan, padding)
         if self.train_times is not None:
-            batch["times"] = self.train_times[users, self.maxlen - width:-1]
-        return batch
+            batch["times"] = self.train_times[plan.users, self.maxlen - width:-1]
+        return batch if plan.rows is None else self._fixed_shapes(batch, plan)
+
+    def _negatives(self, plan: BatchPlan, padding: torch.Tensor) -> torch.Tensor:
+        """Per position: [B, L] for k = 1, [B, L, k] for k > 1, each outside the user's training
+        history, drawn from the sampler's distribution (default uniform) restricted to the items
+        outside it, loop-free and without reading the device; 0 at padding positions."""
+        k, width = plan.negatives.count, padding.shape[1]
+        slots = torch.arange((self.maxlen - width) * k, self.maxlen * k, device=plan.users.device).view(width, k)
+        neg = self._unseen_sampler(plan.negatives.sampler).draw(plan.users, slots, plan.seed, STREAM_TRAIN, plan.epoch)
+        neg = neg.masked_fill_(padding[..., None], 0)
+        return neg if k > 1 else neg[..., 0]
+
+    def _shared_negatives(self, plan: BatchPlan) -> torch.Tensor:
+        """One [k] set keyed by (seed, epoch, step) alone, so every rank and micro-batch of the step
+        gets the same set; it may hit a position's positive (the loss masks those)."""
+        slots = torch.arange(plan.negatives.count, device=plan.users.device)
+        sampler = plan.negatives.sampler or ItemSampler(self.num_items)
+        return sampler(hash_ints(plan.seed, STREAM_SHARED, plan.epoch, plan.step, slots))
+
+    @staticmethod
+    def _fixed_shapes(batch: Batch, plan: BatchPlan) -> Batch:
+        """`batch` padded to `plan.rows` rows and contiguous; a shared [k] set has no rows to pad."""
+        pad = plan.rows - len(plan.users)
+        return {key: value.contiguous() if not pad or key == "neg" and plan.negatives.shared else pad_rows(value, pad)
+                for key, value in batch.items()}

@@ -6,17 +6,33 @@ forward+backward at B=128, h=2, L=200 on the 2-core CPU. Dropout is therefore ap
 to the sub-layer output instead, and the fused kernel is kept; ``attention_dropout``
 restores the reference behaviour for comparison (docs/RESULTS.md compares the two).
 Key padding is masked exactly, in one of two ways: an explicit boolean mask
-(``ctx["mask"]``, TiSASRec) or, when the model has rotated its rows so that padding
+(``SequenceContext.mask``, TiSASRec) or, when the model has rotated its rows so that padding
 comes last (SASRec), no mask and ``is_causal``, which lets the kernel skip the blocks
 above the diagonal (15% less attention time at L=200).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .dropout import Dropout
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceContext:
+    """What attention reads about a batch's rows besides their hidden states, computed once per
+    forward by the model and handed unchanged through every sub-layer (the FFNs ignore it).
+
+    mask: [B, 1, L, L] bool, True = visible (`attention_mask`); None when the model has
+    rotated its rows so that padding comes last, where plain causal attention is exact.
+    intervals: [B, L, L] int64 time-interval buckets (TiSASRec; ``intervals.time_intervals``).
+    """
+
+    mask: torch.Tensor | None = None
+    intervals: torch.Tensor | None = None
 
 
 def attention_mask(items: torch.Tensor) -> torch.Tensor:
@@ -52,9 +68,9 @@ class CausalSelfAttention(nn.Module):
         b, h, length, dh = x.shape
         return x.transpose(1, 2).reshape(b, length, h * dh)
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        mask = ctx["mask"]  # None: rows are right-padded, plain causal attention is exact
+        mask = context.mask  # None: rows are right-padded, plain causal attention is exact
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.attention_dropout if self.training else 0.0)
         return self.dropout(self.out(self.merge_heads(z)))

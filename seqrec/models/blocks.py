@@ -6,6 +6,10 @@ Each sub-layer F (attention, then the FFN) of a block is wrapped one of three wa
     pre:   x' = x + F(LN(x))                   pre-LayerNorm (alias --norm_first)
     ligr:  x' = x + g(x) ⊙ F(LN(x)),   g(x) = σ(x W_g + b_g)
 
+Every sub-layer is called as F(x, context) with the batch's ``attention.SequenceContext``
+(the FFNs ignore it), so a wrapper (Residual here, MHCResidual in mhc.py) hands it on
+without knowing which sub-layer reads what.
+
 ``ligr`` is the LiGR layer (LinkedIn, arXiv 2502.03417: pre-norm with a gated residual) as
 eSASRec (arXiv 2508.06450) trains it, through RecTools' ``LiGRLayer``
 (rectools/models/nn/transformers/ligr.py), which the eSASRec authors used:
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import SequenceContext
 from .dropout import Dropout
 
 
@@ -43,7 +48,7 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, mult * dim), nn.ReLU(), Dropout(dropout),
                                  nn.Linear(mult * dim, dim), Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         return self.net(x)
 
 
@@ -59,7 +64,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(mult * dim, dim, bias=False)
         self.hidden_dropout, self.dropout = Dropout(dropout), Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         return self.dropout(self.w2(self.hidden_dropout(F.silu(self.w1(x)) * self.w3(x))))
 
 
@@ -95,8 +100,8 @@ class Residual(nn.Module):
         self.norm_first = block != "post"
         self.gate = Gate(dim) if block == "ligr" else None
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         if not self.norm_first:
-            return self.norm(x + self.sublayer(x, ctx))
-        out = self.sublayer(self.norm(x), ctx)
+            return self.norm(x + self.sublayer(x, context))
+        out = self.sublayer(self.norm(x), context)
         return x + (out if self.gate is None else self.gate(x) * out)

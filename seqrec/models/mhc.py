@@ -8,202 +8,27 @@ is wrapped as
 with per-token coefficients H_pre ∈ (0,1)^{1×n}, H_post ∈ (0,2)^{1×n} and a doubly
 stochastic H_res (Sinkhorn-Knopp), so products of H_res over depth stay bounded.
 
-Streams are [B, L, n, C]; coefficient logits are computed tokens-last ([K, B·L]) for
-Sinkhorn (see `sinkhorn`).
+Streams are [B, L, n, C]. Here: the wrapped sub-layer (MHCResidual), the stream strategy
+the backbone builds its stack with (HyperStream) and the composite-gain diagnostic; the
+per-token math on PyTorch ops is in mhc_ops.py, its compiled CPU twin in native.py.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from . import native
+from .attention import SequenceContext
 from .blocks import Gate
-
-
-FLOOR = -60.0  # Sinkhorn's logits floor, relative to their column's max (as in mhc_kernels.c)
-
-
-def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays, anything else computes in float32 (torch.promote_types(dtype, float32)
-    for the real dtypes, without an aten call)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """Doubly stochastic projection of exp(logits[..., n, n]): `iters` rounds of column
-    then row normalisation, so rows sum to 1 exactly and columns to within the
-    convergence error. Vectorised over all leading dims (one matrix per token).
-
-    Each column's logits are shifted to max 0 (the first column normalisation removes
-    such a shift exactly, so it needs no gradient) and floored at -60 (FLOOR): exp() then
-    has a 1 in every column and nothing below 1e-26, so no normaliser can underflow to 0
-    (a global max shift gives 0/0 for a row far below the max in every column). The floor
-    only moves entries under 1e-26 of their column's largest; a row made only of those
-    comes out spread instead of NaN, and floored entries get no gradient. Invariant to
-    adding a constant to a matrix's (or a column's) logits.
-
-    Normalised in the log domain: dividing exp(z) by its sums over a dim is
-    exp(log_softmax(z, dim)), so each normalisation is one fused op (log_softmax; the last,
-    rows, a softmax that leaves the exponent), and autograd's backward of each is one op
-    too (g - exp(y)·Σg): 2·iters + 3 ops forward and 2·iters + 1 backward, the exact
-    gradient of the unrolled iterations. On a GPU, where this model is bound by kernel
-    launches, that is 4x fewer than normalising exp(z) in place (sum, reciprocal, multiply
-    per step, and a backward replaying the steps at ~6 ops each). The cost: autograd keeps
-    every iterate ([n, n, T] each, 2·iters of them) where the in-place form kept only the
-    normalisers, and on CPU exp/log per entry make it ~1.3x slower there (a whole model's
-    forward + backward on the PyTorch path 1.04x; the CPU runs the compiled kernel,
-    native.PreMix, by default). The same numbers as the linear domain
-    to ~1e-15 in float64; in float32 within a few float32 ulps absolute.
-
-    Computed in at least fp32 (bf16/fp16 inputs are cast up; fp64 stays fp64 so the
-    backward can be gradchecked) and returned in that dtype. Tokens-last internally
-    ([n, n, T]: the size-n reductions run across contiguous token vectors); tokens-last
-    input (as MHCResidual passes) costs no copy. Plain aten ops: jit.trace, torch.export
-    and torch.compile(fullgraph=True) see through it.
-    """
-    n = logits.shape[-1]
-    z = logits.to(_at_least_fp32(logits.dtype)).reshape(-1, n, n).permute(1, 2, 0).contiguous()
-    # threshold, not clamp_min: one op backward (clamp_min's is three), and, like the kernel,
-    # no gradient at the floor itself
-    z = F.threshold(z - z.detach().amax(0, keepdim=True), FLOOR, FLOOR)
-    for step in range(2 * iters - 1):  # columns (dim 0), rows (dim 1), ..., columns
-        z = torch.log_softmax(z, step % 2)
-    return torch.softmax(z, 1).permute(2, 0, 1).reshape(logits.shape)
-
-
-def _rms_projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward of _RMSProjection: the result, and the 1/rms and raw product its backward needs."""
-    inv_rms = torch.linalg.vector_norm(x, dim=-1).square_().div_(x.shape[1]).add_(1e-6).rsqrt_()
-    raw = torch.mm(phi.t(), x.t())
-    return raw * inv_rms, inv_rms, raw
-
-
-class _RMSProjection(torch.autograd.Function):
-    """RMSNorm(x) @ phi, tokens last: x [T, D], phi [D, K] -> [K, T], with a hand-written backward.
-    (MHCResidual now runs _Logits, which also applies α and b; seqrec.bench.mhc_parts
-    still times this one.)
-
-    The per-token 1/rms(x) is applied to the [K, T] product instead of to x (it
-    commutes with the projection), so no normalised [T, D] copy is made. Autograd's
-    backward of the norm makes several passes over the [T, D] stream (div, masked_fill,
-    mul, then an add into the projection's gradient); the closed form folds it into the
-    projection's input gradient as one in-place pass: with r = (‖x‖²/D + eps)^(-1/2)
-    and y = r·(x·phi), dx = (r·g)·phiᵀ - (r²/D)·Σ_k(r·g_k·(x·phi)_k)·x.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        out, inv_rms, raw = _rms_projection(x, phi)
-        ctx.save_for_backward(x, phi, inv_rms, raw)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, phi, inv_rms, raw = ctx.saved_tensors
-        scaled = grad * inv_rms
-        dot = (scaled * raw).sum(0)
-        grad_x = torch.mm(scaled.t(), phi.t()).addcmul_(x, (inv_rms.square() * dot).div_(-x.shape[1])[:, None])
-        # (scaled·x)ᵀ, not xᵀ·scaledᵀ: the same product, which MKL runs 1.4x (D = 200, K = 24) to
-        # 6.7x (D = 50, K = 8) faster in this layout on CPU (3,200 tokens, one thread)
-        return grad_x, torch.mm(scaled, x).t()
-
-
-def _logits(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, static: torch.Tensor,
-            n: int) -> tuple[torch.Tensor, ...]:
-    """The forward of _Logits: the logits, and the 1/rms, raw product, row scales and
-    scale ⊗ 1/rms its backward needs."""
-    inv_rms = torch.add(1e-6, torch.linalg.vector_norm(x, dim=1).square_(), alpha=1 / x.shape[1]).rsqrt_()
-    raw = torch.mm(phi.t(), x.t())
-    scale = torch.cat([a.expand(m) for a, m in zip(alpha, (n, n, n * n)[:3 if phi.shape[1] > 2 * n else 2])])
-    outer = torch.outer(scale, inv_rms)
-    return torch.addcmul(static[:, None], outer, raw), inv_rms, raw, scale, outer
-
-
-class _Logits(torch.autograd.Function):
-    """H̃ = α·(RMSNorm(x)·φ) + b tokens last: x [T, D], phi [D, k], alpha [3], static [k] -> [k, T],
-    for the k = 2n + n² coefficient logits of n streams, or their first 2n (the widening
-    block), with a hand-written backward.
-
-    The per-token r = 1/rms(x) is applied to the [k, T] product instead of to x (it
-    commutes with the projection), so no normalised [T, D] copy is made. With
-    s = (α_pre·1_n, α_post·1_n, α_res·1_n²) and y = b + (s ⊗ r) ⊙ (φᵀxᵀ):
-      db = Σ_t g,  ds = (g ⊙ φᵀxᵀ)·r (summed per α),  d(φᵀxᵀ) = g ⊙ (s ⊗ r),
-      dx = d(φᵀxᵀ)ᵀφᵀ - (r³/D)·((g ⊙ φᵀxᵀ)ᵀs) ⊙ x,
-    the norm's part folded into the projection's input gradient as one in-place pass.
-    8 ops forward and 13 (12 for 2n rows) backward, where _RMSProjection with autograd's
-    α and b around it took 9 and 20 (addcmul's backward alone is 6, α's expand/cat 4).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, static: torch.Tensor,
-                n: int) -> torch.Tensor:
-        logits, *saved = _logits(x, phi, alpha, static, n)
-        ctx.n = n
-        ctx.save_for_backward(x, phi, *saved)
-        return logits
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, phi, inv_rms, raw, scale, outer = ctx.saved_tensors
-        n = ctx.n
-        weighted = grad * raw
-        grad_scale = torch.mv(weighted, inv_rms)
-        gates = grad_scale[:2 * n].view(2, n).sum(1)
-        grad_alpha = (torch.cat([gates, grad_scale[2 * n:].sum(0, keepdim=True)]) if grad_scale.shape[0] > 2 * n
-                      else F.pad(gates, (0, 1)))  # the widening block has no H_res: α_res gets exactly 0
-        scaled = grad * outer
-        norm_part = inv_rms.pow(3).mul_(torch.mv(weighted.t(), scale))
-        grad_x = torch.mm(scaled.t(), phi.t()).addcmul_(x, norm_part[:, None], value=-1 / x.shape[1])
-        # All k = 2n + n² columns: φ is the Parameter, whose gradient is kept in its own layout
-        # (a transposed one would be copied into it, a second op). The widening block's Σ_j φ_j
-        # [C, 2n] has its gradient expanded and copied into φ's anyway, and on CPU (where this
-        # block runs with the compiled kernel too) MKL runs (scaled·x)ᵀ 2-4x faster there.
-        grad_phi = torch.mm(x.t(), scaled.t()) if phi.shape[1] > 2 * n else torch.mm(scaled, x).t()
-        return grad_x, grad_phi, grad_alpha, grad.sum(1), None
-
-
-class _Update(torch.autograd.Function):
-    """res + gain·H_post ⊗ out per token (the H_post update): res [..., n, C], h [..., n],
-    out [..., C] -> [..., n, C], addcmul's numbers, with a backward of two batched products
-    (dh = gain·Σ_c g⊙out, dout = gain·hᵀg; dres = g itself) where addcmul's is six ops
-    (each factor times `value`, times g, summed). `gain` is H_post's 2 when h is the
-    sigmoid (the PyTorch path), so it costs no op of its own. Under autocast out is
-    low precision and the result promotes to fp32, as addcmul does."""
-
-    @staticmethod
-    def forward(ctx, res: torch.Tensor, h: torch.Tensor, out: torch.Tensor, gain: float) -> torch.Tensor:
-        ctx.save_for_backward(h, out)
-        ctx.gain = gain
-        return torch.addcmul(res, h[..., None], out[..., None, :], value=gain)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, out = ctx.saved_tensors
-        n, dim = grad.shape[-2:]
-        g, h3, out3 = grad.reshape(-1, n, dim), h.reshape(-1, n, 1), out.to(grad.dtype).reshape(-1, 1, dim)
-        # beta = 0: baddbmm's first argument is ignored (only its shape is used), so `gain` is
-        # applied inside the product
-        grad_h = torch.baddbmm(h3, g, out3.transpose(1, 2), beta=0, alpha=ctx.gain).view(h.shape)
-        grad_out = torch.baddbmm(out3, h3.transpose(1, 2), g, beta=0, alpha=ctx.gain).view(out.shape)
-        return grad, grad_h, grad_out, None
-
-
-def full_precision(x: torch.Tensor):
-    """Autocast switched off for x's device while it is on, else nothing: an unconditional
-    ``torch.autocast(device, enabled=False)`` would export as a region bound to the exporting
-    device (``wrap_with_autocast('cpu', ...)``) and tie the graph to it."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
+from .mhc_ops import coefficient_logits, full_precision, sinkhorn, update
+# seqrec.tools.bench.mhc_parts still imports this one from here (see its docstring)
+from .mhc_ops import _RMSProjection  # noqa: F401
 
 
 class MHCResidual(nn.Module):
@@ -247,9 +72,10 @@ class MHCResidual(nn.Module):
     Parameters: phi [nC, 2n+n²] (columns: pre, post, res row-major), alpha [3] and
     static [2n+n²] (b, same column order); all raw Parameters, initialised here.
 
-    `widens`: the block the embedding enters takes it as the single stream [..., C] and
-    returns the n streams; on its n identical copies H_res is the identity, so the block
-    skips Sinkhorn and the mixing (`widen`), exactly.
+    `widens` (HyperStream.stack sets it for the first sub-layer): the block the embedding
+    enters takes it as the single stream [..., C] and returns the n streams; on its n
+    identical copies H_res is the identity, so the block skips Sinkhorn and the mixing
+    (`widen`), exactly.
 
     Precision: coefficients and Sinkhorn always run in fp32. Under autocast the mixing
     product [H_res; H_pre]·x (a batched matmul; a widening block has none) runs in the
@@ -296,11 +122,9 @@ class MHCResidual(nn.Module):
     def logits(self, flat: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """H̃ = α·(RMSNorm(flat)·φ) + b, tokens last ([k, T]) for flat [T, D] and phi [D, k]:
         all coefficients (phi = self.phi), or the first k = 2n. Call with autocast off."""
-        flat, k = flat.to(_at_least_fp32(flat.dtype)), phi.shape[1]
+        k = phi.shape[1]
         static = self.static if k == self.static.shape[0] else self.static[:k]
-        if torch.jit.is_tracing():  # a traced graph (seqrec.export) cannot hold a Python autograd.Function
-            return _logits(flat, phi, self.alpha, static, self.n)[0]
-        return _Logits.apply(flat, phi, self.alpha, static, self.n)
+        return coefficient_logits(flat, phi, self.alpha, static, self.n)
 
     def gates(self, logits: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """H_pre = sigmoid and H_post / 2 = sigmoid of the 2n gate logits [2n, T], each [*lead, n]
@@ -326,16 +150,19 @@ class MHCResidual(nn.Module):
             h_pre, half_post = self.gates(self.logits(x.reshape(-1, dim), phi), x.shape[:-1])
         return copies(x, n), h_pre.sum(-1, keepdim=True) * x, half_post
 
-    def mix(self, x: torch.Tensor, on_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """H_res·x [..., n, C], the sub-layer input H_pre·x [..., C] and H_post [..., n];
-        `on_kernel` is `runs_native(x)`, passed by a caller that already knows it."""
-        if self.runs_native(x) if on_kernel is None else on_kernel:
-            return native.PreMix.apply(x, self.phi, self.alpha, self.static, self.iters)
-        res, branch, half_post = self._mix(x)
-        return res, branch, 2 * half_post
+    def mix(self, x: torch.Tensor, on_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Everything before the sub-layer: H_res·x [..., n, C], the sub-layer input H_pre·x
+        [..., C], and h [..., n] with its factor g, H_post = g·h. The compiled kernel
+        (`on_kernel`: `runs_native(x)`) returns H_post itself (g = 1); the PyTorch ops
+        return H_post / 2 (g = 2), whose 2 the update's multiply applies at no cost."""
+        if self.widens:
+            return *self.widen(x), 2.0
+        if on_kernel:
+            return *native.PreMix.apply(x, self.phi, self.alpha, self.static, self.iters), 1.0
+        return *self._mix(x), 2.0
 
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`mix` on PyTorch ops, returning H_post / 2."""
+        """native.PreMix's twin on PyTorch ops (its reference), returning H_post / 2."""
         h_pre, half_post, h_res = self._coefficients(x)
         with full_precision(x) if self.no_amp else contextlib.nullcontext():
             # One batched product reads x once for H_res·x and H_pre·x; split (not
@@ -345,31 +172,24 @@ class MHCResidual(nn.Module):
         return res, branch.squeeze(-2), half_post
 
     def runs_native(self, x: torch.Tensor) -> bool:
-        """Whether `mix` uses the compiled CPU kernel (native.PreMix, the same numbers): for
-        fp32/fp64 on CPU, unless autocast would run the mixing in low precision, or the
-        model is being traced or compiled (neither can see into a ctypes call)."""
-        return (self.native and x.dtype == self.phi.dtype and (self.no_amp or not torch.is_autocast_enabled("cpu"))
-                and native.supports(x, self.n))
+        """Whether `mix` and the post-LN update use the compiled CPU kernel (the same
+        numbers): where native.supports the stream, unless autocast would run the mixing
+        in low precision."""
+        return (self.native and (self.no_amp or not torch.is_autocast_enabled("cpu"))
+                and native.supports(x, self.phi, self.n))
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         """x [..., n, C] -> [..., n, C]; a widening block takes the single stream x [..., C]."""
         on_kernel = self.runs_native(x)
-        if self.widens or not on_kernel:  # H_post / 2: the factor 2 goes into the update's multiply
-            (res, branch, h_post), post_gain = self.widen(x) if self.widens else self._mix(x), 2.0
-        else:
-            (res, branch, h_post), post_gain = native.PreMix.apply(x, self.phi, self.alpha, self.static,
-                                                                   self.iters), 1.0
-        out = self.sublayer(self.norm(branch) if self.norm_first else branch, ctx)
+        res, branch, h_post, post_gain = self.mix(x, on_kernel)
+        out = self.sublayer(self.norm(branch) if self.norm_first else branch, context)
         if self.gate is not None:
             out = self.gate(branch) * out
         if on_kernel and not self.norm_first and out.dtype == res.dtype:
             h_post = h_post if post_gain == 1.0 else post_gain * h_post  # the widening block's H_post / 2
             return native.PostNorm.apply(res, h_post, out, self.norm.weight, self.norm.bias, self.norm.eps,
                                          torch.is_grad_enabled())
-        if torch.jit.is_tracing():  # see logits
-            x = torch.addcmul(res, h_post[..., None], out[..., None, :], value=post_gain)
-        else:
-            x = _Update.apply(res, h_post, out, post_gain)  # promotes to fp32 under autocast
+        x = update(res, h_post, out, post_gain)  # promotes to fp32 under autocast
         return x if self.norm_first else self.norm(x)
 
 
@@ -379,9 +199,9 @@ def copies(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class HyperStream(nn.Module):
-    """The mHC residual stream strategy for SASRec: n copies in, learned mean out.
+    """The mHC residual stream strategy for the backbone: n copies in, learned mean out.
 
-    The first sub-layer wrapped (the one the embedding enters) widens the stream: it
+    The first sub-layer of the stack (the one the embedding enters) widens the stream: it
     takes the embedding itself, whose n copies need not be built (MHCResidual.widen).
     collapse is a learned weighted sum over streams initialised to the mean (1/n): on
     identical copies it returns exactly the plain model's stream, so the final
@@ -396,14 +216,14 @@ class HyperStream(nn.Module):
         super().__init__()
         self.cfg, self.n = cfg, cfg.mhc_expansion_rate
         self.weights = nn.Parameter(torch.full((self.n,), 1.0 / self.n))
-        self.wrapped = 0
 
-    def wrap(self, sublayer: nn.Module) -> MHCResidual:
-        self.wrapped += 1
-        return MHCResidual(sublayer, self.cfg, widens=self.wrapped == 1)
+    def stack(self, sublayers: Iterable[nn.Module]) -> nn.ModuleList:
+        return nn.ModuleList(MHCResidual(sublayer, self.cfg, widens=i == 0) for i, sublayer in enumerate(sublayers))
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.mhc_native and x.dtype == self.weights.dtype and native.supports(x, self.n):
+        """Collapse.apply where native.supports the stream (the kernel needs no autocast check:
+        the stream is float32 or float64 under any autocast), else its twin below."""
+        if self.cfg.mhc_native and native.supports(x, self.weights, self.n):
             return native.Collapse.apply(x, self.weights)  # the same numbers (tests/test_mhc_native.py)
         # Not einsum: its backward is a batched outer-product bmm (12 vs 9 ms fwd+bwd, n=4 d=50).
         return (x * self.weights[:, None]).sum(-2)

@@ -8,10 +8,15 @@ needs no PyTorch headers, so it compiles in about a second with the system C com
 (`$CC`, default `cc`) on first use for each dtype and expansion rate, and is cached per
 source, flags and CPU under `$SEQREC_CACHE_DIR` (default ~/.cache/seqrec). Without a
 compiler `library` returns None and MHCResidual keeps its PyTorch path.
+
+What mhc.py uses: `supports` (can the kernels take this stream?) and three autograd
+Functions, each with a PyTorch twin in mhc.py that is its reference (tests/test_mhc_native.py)
+and the path everywhere else (GPU, low-precision autocast, tracing, torch.compile):
+PreMix (MHCResidual._mix), PostNorm (the H_post update, then the LayerNorm) and Collapse
+(HyperStream.collapse's weighted sum).
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -24,6 +29,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .mhc_ops import full_precision
 
 SOURCE = importlib.resources.files("seqrec.models") / "mhc_kernels.c"  # package data, compiled from a real file
 # -march=native: the cache key includes the CPU. The reassociation flags let gcc vectorise
@@ -95,10 +102,11 @@ def library(dtype: torch.dtype, streams: int) -> ctypes.CDLL | None:
     return lib
 
 
-def supports(x: torch.Tensor, streams: int) -> bool:
-    """Whether the kernels can take x: a float32/float64 CPU tensor, outside tracing and
-    torch.compile (neither can see into a ctypes call), with the library built here."""
-    return (x.device.type == "cpu" and x.dtype in REALS and not torch.jit.is_tracing()
+def supports(x: torch.Tensor, weights: torch.Tensor, streams: int) -> bool:
+    """Whether the kernels can take x with `weights` (the parameters it meets there): float32
+    or float64 CPU tensors of one dtype, outside tracing and torch.compile (neither can see
+    into a ctypes call), with the library built here."""
+    return (x.device.type == "cpu" and x.dtype in REALS and x.dtype == weights.dtype and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and library(x.dtype, streams) is not None)
 
 
@@ -121,12 +129,6 @@ def run(function, tokens: int, threads: int, dtype: torch.dtype, *args) -> int:
     return function(tokens, threads, *values)
 
 
-def full_precision() -> contextlib.AbstractContextManager:
-    """Autocast off for the GEMMs with phi (the caller runs this path under autocast only
-    with --mhc_no_amp, i.e. all of mHC in x's dtype); a no-op when autocast is off."""
-    return torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else contextlib.nullcontext()
-
-
 class PreMix(torch.autograd.Function):
     """MHCResidual's work before its sub-layer, on the compiled kernel.
 
@@ -146,7 +148,7 @@ class PreMix(torch.autograd.Function):
         *lead, n, dim = x.shape
         x = x.contiguous()
         tokens = x.numel() // (n * dim)
-        with full_precision():
+        with full_precision(x):  # under autocast only with --mhc_no_amp: all of mHC in x's dtype
             raw = phi.t() @ x.view(tokens, n * dim).t()
         res, branch, h_post = torch.empty_like(x), x.new_empty(*lead, dim), x.new_empty(*lead, n)
         run(library(x.dtype, n).mhc_pre_forward, tokens, threads_for(tokens), x.dtype, dim, iters, x, raw,
@@ -168,7 +170,7 @@ class PreMix(torch.autograd.Function):
         if run(library(x.dtype, n).mhc_pre_backward, tokens, threads, x.dtype, dim, ctx.iters, x, raw,
                alpha.contiguous(), bias.contiguous(), *grads, g_x, g_raw, g_alpha, g_bias):
             raise MemoryError("mHC kernel: no memory for the Sinkhorn backward's scratch")
-        with full_precision():
+        with full_precision(x):
             g_x.view(tokens, n * dim).addmm_(g_raw.t(), phi.t())
             g_phi = (g_raw @ x.view(tokens, n * dim)).t()
         return g_x, g_phi, g_alpha.sum(0), g_bias.sum(0), None

@@ -39,16 +39,16 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import CausalSelfAttention, attention_mask
+from .attention import CausalSelfAttention, SequenceContext, attention_mask
+from .backbone import Backbone
 from .dropout import Dropout
 from .intervals import time_intervals
-from .sasrec import SASRec
 
 
 class TimeIntervalAttention(CausalSelfAttention):
     """CausalSelfAttention whose keys and values also carry position and interval embeddings.
 
-    Reads ctx["mask"] ([B, 1, L, L] bool, True = visible) and ctx["intervals"] ([B, L, L]
+    Reads the context's mask ([B, 1, L, L] bool, True = visible) and intervals ([B, L, L]
     int64 in 0..time_span). Hidden scores are set to the dtype's lowest finite value, not
     -inf, so a query with no visible key stays finite; its output is then zeroed.
     """
@@ -72,10 +72,10 @@ class TimeIntervalAttention(CausalSelfAttention):
         w = self.table_dropout(emb.weight[emb.num_embeddings - rows:])
         return w.view(rows, self.num_heads, -1).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         length, buckets = x.shape[1], self.interval_k.num_embeddings
-        mask = ctx["mask"]
-        r = ctx["intervals"][:, None].expand(-1, self.num_heads, -1, -1)
+        mask = context.mask
+        r = context.intervals[:, None].expand(-1, self.num_heads, -1, -1)
         q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         q = q * (1.0 / math.sqrt(q.shape[-1]))
         q_rk = q @ self.table(self.interval_k, buckets).transpose(-1, -2)  # [B, h, L, S + 1]
@@ -87,36 +87,34 @@ class TimeIntervalAttention(CausalSelfAttention):
         return self.dropout(self.out(self.merge_heads(z)))
 
 
-class TiSASRec(SASRec):
-    """SASRec with time-interval-aware attention; batches must carry "times" [B, L]."""
+class TiSASRec(Backbone):
+    """The backbone with time-interval-aware attention; batches must carry "times" [B, L].
+
+    Positions enter every layer's attention (pK, pV), not the input, and the rows stay
+    left-padded (the interval and position tables are indexed by column), so attention
+    reads an explicit mask where SASRec rotates its rows.
+    """
 
     def __init__(self, cfg: ModelConfig, num_items: int):
-        super().__init__(cfg, num_items)
-        # Positions enter through every layer's pK, pV; an unused input table would also
-        # make DistributedDataParallel fail on a parameter without gradient.
-        del self.pos_emb
+        super().__init__(cfg, num_items, lambda: TimeIntervalAttention(
+            cfg.hidden_units, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout, cfg.maxlen, cfg.time_span))
         self.time_unit, self.time_span = cfg.time_unit, cfg.time_span
+        self.reset_parameters()
 
-    def make_attention(self, cfg: ModelConfig) -> nn.Module:
-        return TimeIntervalAttention(cfg.hidden_units, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout,
-                                     cfg.maxlen, cfg.time_span)
-
-    def context(self, batch: dict) -> dict:
+    def context(self, batch: dict) -> SequenceContext:
         """The causal key-padding mask and the interval buckets, computed once and shared by all layers."""
         items = batch["items"]
-        return {"mask": attention_mask(items),
-                "intervals": time_intervals(batch["times"], items != 0, self.time_unit, self.time_span)}
+        return SequenceContext(mask=attention_mask(items),
+                               intervals=time_intervals(batch["times"], items != 0, self.time_unit, self.time_span))
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Hidden states of the left-padded rows as they are: the interval and position tables
-        are indexed by column, so the rows are not rotated as in SASRec.forward."""
+        """Hidden states of the left-padded rows as they are."""
         return self.encode(self.embed(batch["items"]), self.context(batch))
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """`embed_items` without positions: they enter through pK, pV."""
+        return self.embed_items(items)
 
     def real_slots(self, items: torch.Tensor) -> torch.Tensor:
         """The layers see the rows unrotated: their items are where the input's are."""
         return items != 0
-
-    def embed(self, items: torch.Tensor) -> torch.Tensor:
-        """Item embedding x sqrt(d), dropout, padding zeroed; no absolute positions (see pK, pV)."""
-        x = self.item_emb(items) * math.sqrt(self.item_emb.embedding_dim)
-        return self.emb_dropout(x) * (items != 0)[..., None]

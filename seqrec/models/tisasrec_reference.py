@@ -12,16 +12,16 @@ import math
 
 import torch
 
+from .attention import SequenceContext
 from .tisasrec import TimeIntervalAttention
 
 
-def reference_attention(module: TimeIntervalAttention, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+def reference_attention(module: TimeIntervalAttention, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
     """The module's forward, written as the paper's formula with explicit [B, L, L, d] tensors."""
     b, length, dim = x.shape
     heads, dh = module.num_heads, dim // module.num_heads
     q, k, v = module.qkv(x).chunk(3, dim=-1)
-    mask = ctx["mask"]
-    r = ctx["intervals"]
+    mask, r = context.mask, context.intervals
     first = module.pos_k.num_embeddings - length  # the window's right end, as the efficient form
     keys = k[:, None, :, :] + module.pos_k.weight[first:] + module.interval_k.weight[r]  # [B, L, L, d]: (i, j)
     values = v[:, None, :, :] + module.pos_v.weight[first:] + module.interval_v.weight[r]

@@ -20,7 +20,7 @@ then prints a short summary. Core part (a few minutes, at most ``--budget_s`` = 
 * sdpa     which ``scaled_dot_product_attention`` backends (flash, efficient, cuDNN, math)
            accept each head size and dtype, and which one each variant's step runs
 * epoch    one training epoch per variant, fp32 and ``--amp auto``, on ML-1M-sized
-           synthetic data (``seqrec.bench.synthetic_sequences``)
+           synthetic data (``seqrec.tools.bench.synthetic_sequences``)
 
 ``--optional`` adds ``compile``: ``--compile`` per variant, its compile time and its
 steady-state step against eager (several minutes). Every check has its own timeout and runs
@@ -31,7 +31,7 @@ that can run on a CPU, at toy sizes (for developing this tool).
 
 Depends only on the project's public entry points: ``seqrec.cli.main``,
 ``seqrec.config.parse_config``, ``Trainer(cfg, data, device, run_dir, item_ids).train_step``,
-``SequenceTensors``, ``seqrec.bench.make_trainer`` / ``synthetic_sequences`` and
+``SequenceTensors``, ``seqrec.tools.bench.make_trainer`` / ``synthetic_sequences`` and
 ``seqrec.export``.
 """
 from __future__ import annotations
@@ -561,8 +561,8 @@ def fp32_matmuls():
 # ---------------------------------------------------------------------------- shared: bench trainers
 @functools.cache
 def bench_data(opts: Options, users: int, maxlen: int):
-    """ML-1M-shaped synthetic data on the device (seqrec.bench.synthetic_sequences)."""
-    from seqrec.bench import synthetic_sequences
+    """ML-1M-shaped synthetic data on the device (seqrec.tools.bench.synthetic_sequences)."""
+    from seqrec.tools.bench import synthetic_sequences
     from seqrec.data import SequenceTensors
     return SequenceTensors(synthetic_sequences(num_users=users), maxlen, torch.device(opts.device))
 
@@ -573,9 +573,9 @@ def bench_spec(opts: Options, amp: str) -> dict:
 
 
 def bench_trainer(opts: Options, variant: str, amp: str, data, **train):
-    """A Trainer as seqrec.bench.make_trainer builds it; with `train` overrides (compile) the
+    """A Trainer as seqrec.tools.bench.make_trainer builds it; with `train` overrides (compile) the
     same steps with those TrainConfig fields set."""
-    from seqrec import bench
+    from seqrec.tools import bench
     spec = bench_spec(opts, amp)
     if not train:
         return bench.make_trainer(spec, variant, data, torch.device(opts.device))
@@ -624,7 +624,7 @@ def check_sync(opts: Options, variant: str, amp: str, warmup: int = 2, steps: in
     cuda_required(opts, "torch.cuda.set_sync_debug_mode")
     amp_supported(opts, amp)
     spec = bench_spec(opts, amp)
-    from seqrec.bench import SIZES
+    from seqrec.tools.bench import SIZES
     data = bench_data(opts, 1024, SIZES[spec["size"]]["maxlen"])
     trainer = bench_trainer(opts, variant, amp, data)
     batches = epoch_batches(data, spec["batch_size"], 0)
@@ -781,7 +781,7 @@ def check_sdpa_kernels(opts: Options) -> dict:
 
 
 def check_sdpa_model(opts: Options, variant: str) -> dict:
-    from seqrec.bench import SIZES
+    from seqrec.tools.bench import SIZES
     spec = bench_spec(opts, "off")
     data = bench_data(opts, 256, SIZES[spec["size"]]["maxlen"])
     size = SIZES[spec["size"]]
@@ -817,7 +817,7 @@ def plan_epoch(opts: Options) -> list[Item]:
 
 
 def check_epoch(opts: Options, variant: str, amp: str, warmup: int = 3) -> dict:
-    from seqrec.bench import SIZES
+    from seqrec.tools.bench import SIZES
     spec = bench_spec(opts, amp)
     users = 512 if opts.small else 6040
     t0 = time.perf_counter()
@@ -880,7 +880,7 @@ def _dynamo_counters() -> dict:
 def check_compile(opts: Options, variant: str, mode: str, steps: int = 12) -> dict:
     if mode != "default":
         cuda_required(opts, f"--compile_mode {mode}")
-    from seqrec.bench import SIZES
+    from seqrec.tools.bench import SIZES
     spec = bench_spec(opts, "auto")
     data = bench_data(opts, 512 if opts.small else 6040, SIZES[spec["size"]]["maxlen"])
     batches = epoch_batches(data, spec["batch_size"], 2)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bench import peak_rss_gb, run_worker
+from .bench import peak_rss_gb, run_worker
 from ..config import ModelConfig
 from ..data.sequences import Sequences
 from ..models import build_model

@@ -34,7 +34,7 @@ VARIANTS = {"sasrec": {"time": False, "mhc": False}, "tisasrec": {"time": True, 
 
 def synthetic_data(num_users: int = 400, maxlen: int = 50) -> SequenceTensors:
     """ML-1M-shaped sequences (the bench's), few users: the counts do not depend on how many."""
-    from ..bench import synthetic_sequences
+    from .bench import synthetic_sequences
     return SequenceTensors(synthetic_sequences(num_users), maxlen, "cpu")
 
 

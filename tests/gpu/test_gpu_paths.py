@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from seqrec import bench
 from seqrec import export as ex
 from seqrec.cli import main
 from seqrec.config import TrainConfig
 from seqrec.data import SequenceTensors
 from seqrec.serve import Recommender
+from seqrec.tools import bench
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = {"sasrec": ["--no_time", "--no_mhc"], "tisasrec": ["--time", "--no_mhc"],
@@ -133,7 +133,7 @@ def test_export_on_cuda_loads_and_scores_on_cpu(data, tmp_path, variant):
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_steady_state_steps_never_wait_for_the_device(amp, variant):
     """set_sync_debug_mode("error") raises on any device-to-host sync of a training step, after
-    two warm-up steps (a seqrec.bench trainer, as the benchmark times it)."""
+    two warm-up steps (a seqrec.tools.bench trainer, as the benchmark times it)."""
     if amp == "bf16" and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bf16 needs compute capability 8.0+")
     torch.use_deterministic_algorithms(False)  # the suite's default; some deterministic kernels sync

@@ -1,4 +1,4 @@
-"""Data pipeline and epoch cost at ML-20M size: ``python -m seqrec.bench_scale``.
+"""Data pipeline and epoch cost at ML-20M size: ``python -m seqrec.tools.bench_scale``.
 
 Writes an ML-20M-shaped synthetic ``ratings.csv`` (138,493 users, 26,744 items,
 20,000,263 rated interactions with timestamps, ML-20M's CSV layout and user-major
@@ -9,7 +9,7 @@ last is the whole pipeline behind ``seqrec train``. Epoch cost is measured at 25
 of the users: a timed pass of batch construction over the whole epoch, and a run of
 consecutive trainer steps whose mean step time times the steps per epoch estimates the
 epoch (a full epoch at 138k users and L=200 would take minutes per fraction on a CPU).
-Results go to results.json and results.md like ``python -m seqrec.bench``.
+Results go to results.json and results.md like ``seqrec bench``.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def write_ratings(path: Path, num_users: int, seed: int = 0) -> dict:
 
 def run_stage(spec: dict) -> dict:
     """Read (and build sequences, and tensors) from the file in this process; seconds per part, peak RSS."""
-    from .data import SequenceTensors, build_sequences, read_interactions
+    from ..data import SequenceTensors, build_sequences, read_interactions
     row, t0 = {"stage": spec["stage"]}, time.perf_counter()
     interactions = read_interactions(spec["path"])
     row["read_s"] = time.perf_counter() - t0
@@ -113,10 +113,11 @@ def run_stage(spec: dict) -> dict:
 
 def run_epoch(spec: dict) -> dict:
     """Epoch cost on the first `users` synthetic users: batch construction and trainer steps."""
-    from .config import Config
-    from .data import SequenceTensors
-    from .data.sequences import Sequences
-    from .trainer import Trainer
+    from ..config import Config
+    from ..data import SequenceTensors
+    from ..data.sequences import Sequences
+    from ..data.tensors import BatchPlan
+    from ..trainer import Trainer
     lengths, items, times = ml20m_like(spec["all_users"], spec["seed"])  # the catalogue stays the same
     offsets = np.concatenate([[0], np.cumsum(lengths[:spec["users"]])])  # users are i.i.d.: a prefix samples them
     seqs = Sequences(np.arange(1, spec["users"] + 1).astype(str), np.arange(1, items.max() + 1).astype(str),
@@ -131,7 +132,7 @@ def run_epoch(spec: dict) -> dict:
     batches = [order[i:i + batch] for i in range(0, len(order), batch)]
     t0 = time.perf_counter()
     for users in batches:
-        data.train_batch(users, 0, 1)
+        data.train_batch(BatchPlan(users, 0, 1, negatives=trainer.loss_fn.negatives))
     build_s = time.perf_counter() - t0
     warm = 2
     for users in batches[:warm]:
@@ -165,7 +166,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seqrec.bench_scale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m seqrec.tools.bench_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=ML20M["users"],
                         help="users in the synthetic file (items and interactions scale with it)")
     parser.add_argument("--workdir", help="where the synthetic file goes (default: a temporary directory, removed)")
@@ -189,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}: {result['file']}", flush=True)
         for stage in STAGES:
             spec = {"stage": stage, "path": str(path), "maxlen": maxlen, "device": args.device}
-            result["pipeline"].append(run_worker("seqrec.bench_scale", spec))
+            result["pipeline"].append(run_worker("seqrec.tools.bench_scale", spec))
             print(result["pipeline"][-1], flush=True)
     for fraction in map(float, args.fractions.split(",")):
         spec = {"users": round(fraction * args.users), "all_users": args.users, "seed": 0, "size": args.size,
                 "batch_size": args.batch_size, "steps": args.steps, "device": args.device}
-        result["epoch"].append(run_worker("seqrec.bench_scale", spec))
+        result["epoch"].append(run_worker("seqrec.tools.bench_scale", spec))
         print(result["epoch"][-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

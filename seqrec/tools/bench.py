@@ -1,4 +1,4 @@
-"""Training and evaluation speed and memory: ``python -m seqrec.bench [--quick]``.
+"""Training and evaluation speed and memory: ``python -m seqrec.tools.bench [--quick]`` (or ``seqrec bench``).
 
 Each case runs in a fresh subprocess, because peak RSS never goes down within a
 process, and measures the trainer's real step (batch construction, forward,
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import hostmem
-from .config import TrainConfig
+from .. import hostmem
+from ..config import TrainConfig
 
 SIZES = {
     "seed": {"hidden_units": 50, "num_blocks": 2, "num_heads": 2, "maxlen": 200},
@@ -49,8 +49,8 @@ def use_literal_attention(model: torch.nn.Module) -> None:
     """
     import functools
 
-    from .models.tisasrec import TimeIntervalAttention
-    from .models.tisasrec_reference import reference_attention
+    from ..models.tisasrec import TimeIntervalAttention
+    from ..models.tisasrec_reference import reference_attention
     for module in model.modules():
         if isinstance(module, TimeIntervalAttention):
             module.forward = functools.partial(reference_attention, module)
@@ -58,7 +58,7 @@ def use_literal_attention(model: torch.nn.Module) -> None:
 
 def synthetic_sequences(num_users: int = 6040, num_items: int = 3416, seed: int = 0):
     """ML-1M-shaped data: log-normal lengths (median ~96, clipped to 20..2314), Zipf-like items."""
-    from .data.sequences import Sequences
+    from ..data.sequences import Sequences
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(4.56, 0.95, num_users).astype(np.int64), 20, 2314)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -133,8 +133,8 @@ def _start(spec: dict) -> torch.device:
 
 def make_trainer(spec: dict, variant: str, data, device: torch.device):
     """The trainer of one variant at spec's size, batch size, AMP, bucketing and expansion rate."""
-    from .config import Config
-    from .trainer import Trainer
+    from ..config import Config
+    from ..trainer import Trainer
     time_, mhc, mhc_native = VARIANTS[variant]
     cfg = Config()
     model = {**SIZES[spec["size"]], "time": time_, "mhc": mhc, "mhc_native": mhc_native}
@@ -157,8 +157,8 @@ def _batches(data, spec: dict) -> list[np.ndarray]:
 
 def run_case(spec: dict) -> dict:
     """Measure one (variant, size) in this process."""
-    from .data.tensors import SequenceTensors
-    from .evaluate import evaluate
+    from ..data.tensors import SequenceTensors
+    from ..evaluate import evaluate
     device = _start(spec)
     base_rss = peak_rss_gb()
     data = SequenceTensors(synthetic_sequences(), SIZES[spec["size"]]["maxlen"], device)
@@ -195,7 +195,7 @@ def run_pair(spec: dict) -> dict:
     compares runs up to a minute apart; on a machine whose speed drifts over minutes
     (docs/PERFORMANCE.md § mHC overhead) a pair of steps half a second apart sees one
     machine. No memory figure: the process holds both models."""
-    from .data.tensors import SequenceTensors
+    from ..data.tensors import SequenceTensors
     device = _start(spec)
     data = SequenceTensors(synthetic_sequences(), SIZES[spec["size"]]["maxlen"], device)
     trainers = [make_trainer(spec, variant, data, device) for variant in (BASELINE[spec["variant"]], spec["variant"])]
@@ -234,8 +234,8 @@ def mhc_parts(tokens: int, n: int = 4, dim: int = 50, repeats: int = 10) -> dict
     """CPU milliseconds of each part of one mHC sub-layer, forward + backward, on `tokens` tokens
     of random data (the parts as MHCResidual's PyTorch path computes them, each timed alone),
     and of the compiled CPU kernel's two Functions that replace them (when it builds here)."""
-    from .models import native
-    from .models.mhc import _RMSProjection, sinkhorn
+    from ..models import native
+    from ..models.mhc import _RMSProjection, sinkhorn
     x = torch.randn(tokens, n, dim, requires_grad=True)
     phi = torch.randn(n * dim, 2 * n + n * n, requires_grad=True)
     logits = torch.randn(n, n, tokens)
@@ -348,8 +348,10 @@ def ratios(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seqrec.bench", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `seqrec bench`, built apart from main so that they can be read (the docs'
+    commands checked against them, say) without running a benchmark."""
+    parser = argparse.ArgumentParser(prog="seqrec bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seed size only, fewer steps (a few minutes on CPU)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of " + ", ".join(VARIANTS)
                         + " (tisasrec-literal: the O(B L^2 d) formula, training steps only, several GB)")
@@ -383,9 +385,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="only count each training step's GPU costs on this CPU: non-view aten ops (eager "
                              "kernel launches) and host syncs per step and per epoch (seqrec.tools.stepcost)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.counts:
-        from .tools import stepcost
+        from . import stepcost
         return stepcost.main([])
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -394,22 +401,37 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_pair(spec) if spec.get("paired") else run_case(spec)))
         return 0
     if args.mhc_parts:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        n = int(args.expansion_rates.split(",")[0])
-        for name, ms in mhc_parts(args.mhc_parts, n).items():
-            print(f"{name:24s} {ms:8.2f} ms")
-        return 0
-    sizes = args.sizes.split(",") if args.sizes else (["seed"] if args.quick else list(SIZES))
-    steps = args.steps or (6 if args.quick else 15)
-    rows = []
-    rates = [int(n) for n in args.expansion_rates.split(",")]
-    cases = [(size, variant, int(buckets), n) for size in sizes for variant in args.variants.split(",")
-             for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
+        return print_mhc_parts(args)
+    cases = bench_cases(args)
     if args.paired:
         cases = [case for case in cases if case[1] in BASELINE]
         if not cases:
             parser.error("--paired times variants against a baseline: give one of " + ", ".join(BASELINE))
+    write_report(Path(args.out), run_rounds(args, cases), args)
+    return 0
+
+
+def print_mhc_parts(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = int(args.expansion_rates.split(",")[0])
+    for name, ms in mhc_parts(args.mhc_parts, n).items():
+        print(f"{name:24s} {ms:8.2f} ms")
+    return 0
+
+
+def bench_cases(args: argparse.Namespace) -> list[tuple[str, str, int, int | None]]:
+    """(size, variant, length buckets, expansion rate) of every case; the rate is None without mHC."""
+    sizes = args.sizes.split(",") if args.sizes else (["seed"] if args.quick else list(SIZES))
+    rates = [int(n) for n in args.expansion_rates.split(",")]
+    return [(size, variant, int(buckets), n) for size in sizes for variant in args.variants.split(",")
+            for buckets in args.length_buckets.split(",") for n in (rates if VARIANTS[variant][1] else [None])]
+
+
+def run_rounds(args: argparse.Namespace, cases: list[tuple]) -> list[dict]:
+    """Every case once per round, each in its own worker process; a failed case keeps its error."""
+    steps = args.steps or (6 if args.quick else 15)
+    rows = []
     for round_ in range(args.rounds):
         for size, variant, buckets, n in cases:
             time_, mhc, mhc_native = VARIANTS[variant]
@@ -418,11 +440,15 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": steps, "length_buckets": buckets, "threads": args.threads, "round": round_,
                     "eval": round_ == 0, "paired": args.paired}
             try:
-                rows.append(run_worker("seqrec.bench", spec))
+                rows.append(run_worker("seqrec.tools.bench", spec))
             except RuntimeError as err:
                 rows.append({**spec, "error": str(err)[:120]})
             print(paired_line(rows[-1]) if args.paired else table(rows[-1:]).splitlines()[-1], flush=True)
-    out = Path(args.out)
+    return rows
+
+
+def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    """results.json (every round's rows) and results.md (medians and ratios) under out."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     medians = f"Medians over {args.rounds} rounds.\n\n" if args.rounds > 1 else ""
@@ -430,7 +456,6 @@ def main(argv: list[str] | None = None) -> int:
               else medians + table(summarise(rows)) + "\n\n" + ratios(rows)) + "\n"
     (out / "results.md").write_text(report)
     print(report)
-    return 0
 
 
 if __name__ == "__main__":
