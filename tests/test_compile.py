@@ -83,7 +83,7 @@ def test_compiled_run_keeps_mhc_on_traceable_ops(data_file, tmp_path, compiles):
     """The CPU kernel of mHC is a ctypes call Dynamo cannot trace: compiled runs use the PyTorch path."""
     cfg = small_config(data_file, tmp_path / "r", train__compile=True, model__mhc=True)
     from seqrec.cli import load_data
-    data, ids = load_data(cfg, torch.device("cpu"))
-    trainer = Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", ids)
+    data, seqs = load_data(cfg, torch.device("cpu"))
+    trainer = Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", list(seqs.item_ids.astype(str)))
     assert cfg.model.mhc_native  # the run's config keeps the user's setting ...
     assert all(not getattr(m, "native", False) for m in trainer.model.modules())  # ... the traced model does not

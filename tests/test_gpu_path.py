@@ -29,8 +29,8 @@ def test_resume_reads_the_checkpoint_on_cpu_whatever_the_device(data_file, tmp_p
     cfg = small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True)
     state = claim_run(cfg, tmp_path / "r")
     assert all(t.device.type == "cpu" for r in state["rng"] for t in r.values())
-    data, ids = load_data(cfg, torch.device("cpu"))
-    trainer = Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", ids)
+    data, seqs = load_data(cfg, torch.device("cpu"))
+    trainer = Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", list(seqs.item_ids.astype(str)))
     trainer.device = torch.device("meta")  # what the RNG restore is asked to serve
     trainer.resume(state)
     assert trainer.step == 4
@@ -85,8 +85,8 @@ def test_a_changed_world_size_is_said_in_one_line(data_file, tmp_path, capsys):
     state["rng"] = state["rng"] * 2  # as written by two ranks
     state["epoch_loss"] = state["epoch_loss"] * 2
     cfg = small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True)
-    data, ids = load_data(cfg, torch.device("cpu"))
-    Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", ids).resume(state)
+    data, seqs = load_data(cfg, torch.device("cpu"))
+    Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", list(seqs.item_ids.astype(str))).resume(state)
     lines = [line for line in capsys.readouterr().out.splitlines() if "rank(s)" in line]
     assert len(lines) == 1 and "written by 2 rank(s) and resumes on 1" in lines[0]
 
