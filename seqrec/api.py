@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .callbacks import Callback
-from .config import DEMO_PRESET, Config, apply_mapping, apply_preset, load_yaml, names_data, validate
+from .config import Config, compose, validate
 from .serve import Recommender, sequences_of
 
 FRAME_RUN_DIR = "runs/fit"  # where a run on in-memory data goes when no train_dir is given
@@ -58,17 +58,11 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> Recomme
 
 def build_config(preset: str | None, config: str | os.PathLike | None, options: dict,
                  in_memory: bool = False) -> Config:
-    """defaults < preset < the demo (when nothing names data) < config file < options, as
-    `seqrec train` resolves them, then validated; runs on in-memory data default to FRAME_RUN_DIR."""
+    """The config `seqrec train` would resolve from the same preset, file and flags (see
+    `config.compose`), validated; in-memory data never falls back to the demo and runs in
+    FRAME_RUN_DIR unless a train_dir is given."""
     options = {name: value for name, value in options.items() if value is not None}
-    from_file = load_yaml(config) if config is not None else {}
-    cfg = Config()
-    if preset is not None:
-        apply_preset(cfg, preset)
-    if not (in_memory or names_data(from_file) or names_data(options)):
-        apply_mapping(cfg, load_yaml(DEMO_PRESET), str(DEMO_PRESET))
-    apply_mapping(cfg, from_file, str(config))
-    apply_mapping(cfg, options, "seqrec.fit")
+    cfg = compose(preset, config, options, "seqrec.fit", demo=not in_memory)
     if in_memory and cfg.train.train_dir is None:
         cfg.train.train_dir = FRAME_RUN_DIR
     return validate(cfg)

@@ -3,8 +3,9 @@
 ``python main.py [flags]`` and ``seqrec train [flags]`` train (and, with
 ``--inference_only``, only evaluate); ``seqrec evaluate`` evaluates a checkpoint;
 ``seqrec recommend`` serves top-k items from a checkpoint; ``seqrec export`` writes its
-scoring model to TorchScript or ONNX; ``seqrec envcheck``
-checks the distributed environment; ``seqrec bench`` measures speed and memory. Expected failures (bad
+top-k model as a torch.export .pt2 (or ONNX, TorchScript); ``seqrec tune`` searches
+hyperparameters; ``seqrec envcheck`` checks the distributed environment; ``seqrec bench``
+measures speed and memory. Expected failures (bad
 config, bad data, unusable checkpoint, diverged run) end with one line on stderr
 and a non-zero exit code instead of a traceback.
 """
@@ -24,6 +25,7 @@ from .callbacks import Callback, CompositeGain
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, DistConfig, TrainConfig, check_with_data, parse_config, to_dict
 from .data import DataError, Sequences, SequenceTensors, load_sequences, resolve_path, sequences
+from .devices import resolve_device
 from .evaluate import evaluate, format_metrics
 from .models import Popularity, build_model
 from .preemption import Preempted
@@ -32,23 +34,6 @@ from .trainer import Trainer, TrainingError, log
 
 RUN_STATE_FILES = (ckpt.LATEST, ckpt.BEST, "metrics.jsonl", "results.json")
 RUN_FILES = (*RUN_STATE_FILES, "config.yaml", sequences.FILE, provenance.FILE, tracking.RUN_ID_FILE)
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    """The training device; under torchrun each rank takes the GPU of its LOCAL_RANK."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
-        if dist.launched():
-            if device.index is not None and dist.local_world_size() > 1:
-                raise ConfigError(f"--device {requested} under torchrun would put all {dist.local_world_size()} "
-                                  f"local ranks on one GPU; pass --device cuda (each rank takes its LOCAL_RANK's GPU)")
-            if device.index is None:
-                device = torch.device("cuda", dist.local_rank())
-    return device
 
 
 def configure_backends(t: TrainConfig, device: torch.device) -> None:

@@ -20,6 +20,7 @@ import dataclasses
 import importlib.resources
 import math
 import numbers
+import os
 import re
 import types
 import typing
@@ -492,22 +493,33 @@ def build_parser(prog: str = "seqrec train") -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "seqrec train") -> Config:
-    """Resolve defaults < --preset < the demo (no data given) < YAML < flags, then validate."""
+    """The validated config of a command line: see `compose` for the precedence."""
     args = vars(build_parser(prog).parse_args(argv))
     args.pop("_local_rank", None)
-    preset = args.pop("preset", None)
-    yaml_path = args.pop("config", None)
-    check_aliases(args.keys(), "flags")
-    from_yaml = load_yaml(yaml_path) if yaml_path else {}
+    return validate(compose(args.pop("preset", None), args.pop("config", None), args))
+
+
+def compose(preset: str | None, yaml_path: str | os.PathLike | None, options: dict[str, Any],
+            where: str = "flags", demo: bool = True) -> Config:
+    """defaults < preset < the demo data < the YAML file < options, not yet validated.
+
+    `options` are leaves by name (the flags a command line gave, or keyword arguments);
+    `where` names them in errors ("flags": each as --name). The demo preset applies only
+    when `demo` and neither the file nor the options name the data, so a config naming its
+    own data never trains on the demo by accident."""
+    check_aliases(options.keys(), where)
+    from_yaml = load_yaml(yaml_path) if yaml_path is not None else {}
     cfg = Config()
     if preset is not None:
         apply_preset(cfg, preset)
-    if not names_data(from_yaml) and not ({"dataset", "data_path"} & args.keys()):
+    if demo and not (names_data(from_yaml) or names_data(options)):
         apply_mapping(cfg, load_yaml(DEMO_PRESET), str(DEMO_PRESET))
     apply_mapping(cfg, from_yaml, str(yaml_path))
-    for name, value in args.items():
-        set_leaf(cfg, name, value, f"--{name}")
-    return validate(cfg)
+    for name, value in options.items():
+        if name not in LEAVES:
+            raise ConfigError(f"{where}: unknown key {_quote(name)}")
+        set_leaf(cfg, name, value, f"--{name}" if where == "flags" else where)
+    return cfg
 
 
 def names_data(mapping: dict) -> bool:

@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import DEVICE, ConfigError, from_dict
+from .config import ConfigError, from_dict
 from .data import DataError, Sequences, load_sequences, resolve_path
+from .devices import resolve_device
 from .serve import Recommender
 
 OUT_FORMATS = (".csv", ".parquet")
@@ -59,13 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_flags(args)
-        check_device(args.device)
-        rec = Recommender.from_checkpoint(args.checkpoint, args.device)
+        rec = Recommender.from_checkpoint(args.checkpoint, resolve_device(args.device))
         if args.data_path or rec.users is None:
             rec.users = aligned(histories_file(args, rec), rec)
-        filters = {"exclude_seen": args.exclude_seen, "item_chunk": args.item_chunk,
-                   "exclude_items": read_ids(args.exclude_items, "item ids") if args.exclude_items else None,
-                   "allow_items": read_ids(args.allow_items, "item ids") if args.allow_items else None}
+        eligible = rec.eligible(read_ids(args.exclude_items, "item ids") if args.exclude_items else None,
+                                read_ids(args.allow_items, "item ids") if args.allow_items else None)
+        filters = {"exclude_seen": args.exclude_seen, "item_chunk": args.item_chunk, "eligible": eligible}
         users = rec.users.user_ids.astype(str) if args.all_users else requested_users(args)
         rec.user_rows(users)  # unknown users: one line before any output
         batches = recommend_in_batches(rec, users, args.k, args.batch_size, filters)
@@ -191,16 +191,3 @@ def read_ids(path: str, what: str) -> list[str]:
         raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: cannot read {what} (not UTF-8 text)") from None
-
-
-def check_device(device: str) -> None:
-    """A device this machine has: the string a config allows, and CUDA only where it is
-    available (else torch fails in the model's .to(), which reads as a broken checkpoint)."""
-    if not DEVICE.fullmatch(device):
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")

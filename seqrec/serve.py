@@ -107,13 +107,14 @@ class Recommender:
 
     # ---------------------------------------------------------------- requests
     def recommend(self, users, k: int = 10, *args, exclude_seen: bool = True, exclude_items=None,
-                  allow_items=None, item_chunk: int = 65536, **legacy):
+                  allow_items=None, item_chunk: int = 65536, eligible: torch.Tensor | None = None, **legacy):
         """Top-k items for known users (ids as in the training data), after their whole history.
 
         ``exclude_seen`` removes every item of the user's history, not only the last maxlen;
         ``exclude_items`` / ``allow_items`` (item ids; unknown ones are ignored) are applied
-        inside the top-k, so each row still holds k eligible items. Unknown users raise
-        KeyError naming them. Passing histories (lists of item ids) is the old form of
+        inside the top-k, so each row still holds k eligible items; a caller asking many times
+        with the same filters builds them once, ``eligible=rec.eligible(exclude, allow)``.
+        Unknown users raise KeyError naming them. Passing histories (lists of item ids) is the old form of
         `recommend_histories`, kept for one release with a DeprecationWarning.
         """
         if _is_histories(users):
@@ -122,9 +123,13 @@ class Recommender:
             return self._legacy(users, k, *args, item_chunk=item_chunk, **legacy)
         if args or legacy:
             raise TypeError(f"recommend() got unexpected arguments {args or ''}{list(legacy) or ''}")
+        if eligible is None:
+            eligible = self.eligible(exclude_items, allow_items)
+        elif exclude_items is not None or allow_items is not None:
+            raise ValueError("give eligible= or exclude_items / allow_items, not both")
         rows = self.user_rows(users)
         batch, seen = self._known_inputs(rows, exclude_seen)
-        return self._rank(batch, seen, k, exclude_items, allow_items, item_chunk)
+        return self._rank(batch, seen, k, eligible, item_chunk)
 
     def recommend_histories(self, histories: Sequence[Sequence], k: int = 10, times: Sequence[Sequence] | None = None,
                             exclude_seen: bool = True, exclude_items=None, allow_items=None, strict: bool = False,
@@ -144,7 +149,7 @@ class Recommender:
         if exclude_seen:
             seen = (np.repeat(np.arange(len(known)), [len(h) for h, _ in known]),
                     np.fromiter((i for h, _ in known for i in h), dtype=np.int64))
-        return self._rank(batch, seen, k, exclude_items, allow_items, item_chunk)
+        return self._rank(batch, seen, k, self.eligible(exclude_items, allow_items), item_chunk)
 
     @torch.no_grad()
     def similar_items(self, items: Sequence, k: int = 10, item_chunk: int = 65536):
@@ -237,13 +242,13 @@ class Recommender:
 
     # ---------------------------------------------------------------- ranking
     @torch.no_grad()
-    def _rank(self, batch: dict, seen, k: int, exclude_items, allow_items, item_chunk: int):
+    def _rank(self, batch: dict, seen, k: int, eligible: torch.Tensor | None, item_chunk: int):
         hidden = self.model(batch)[:, -1]
-        return self._top_k(hidden, lambda h, chunk: self.model.score_all(h, chunk), seen, k,
-                           self._eligible(exclude_items, allow_items), item_chunk)
+        return self._top_k(hidden, lambda h, chunk: self.model.score_all(h, chunk), seen, k, eligible, item_chunk)
 
-    def _eligible(self, exclude_items, allow_items) -> torch.Tensor | None:
-        """[num_items + 1] bool: which items may be recommended (None: all but padding)."""
+    def eligible(self, exclude_items=None, allow_items=None) -> torch.Tensor | None:
+        """[num_items + 1] bool on the model's device: which items may be recommended, from item
+        ids to leave out and/or the only ids to allow (unknown ids ignored); None: all of them."""
         if exclude_items is None and allow_items is None:
             return None
         eligible = torch.zeros(len(self.item_ids) + 1, dtype=torch.bool) if allow_items is not None else \

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from conftest import assert_close_parameters, small_config, train_losses
 from seqrec import checkpoint as ckpt
 from seqrec import trainer as trainer_module
-from seqrec.cli import claim_run, configure_backends, load_data, resolve_device, run
+from seqrec.cli import claim_run, configure_backends, load_data, run
+from seqrec.devices import resolve_device
 from seqrec.config import ConfigError, TrainConfig
 from seqrec.distributed import become_local_rank, free_port
 from seqrec.trainer import Trainer, TrainingError, resolve_amp
@@ -118,6 +119,7 @@ def test_amp_may_change_on_resume(data_file, tmp_path, capsys, first, then):
 def test_explicit_gpu_under_torchrun_is_refused(monkeypatch):
     """--device cuda:0 put every rank of a node on GPU 0."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -96,6 +96,11 @@ def test_exclude_and_allow_items_apply_inside_the_top_k(rec):
     only_two, scores = rec.recommend(["1"], k=4, exclude_seen=False, allow_items=allowed[:2])
     assert list(only_two[0][:2]) == allowed[:2] and (only_two[0][2:] == None).all()  # noqa: E711
     assert np.isneginf(scores[0][2:]).all()
+    both = rec.eligible(exclude_items=allowed[1:2], allow_items=allowed)  # what bulk output builds once
+    built, _ = rec.recommend(["1"], k=3, exclude_seen=False, eligible=both)
+    assert list(built[0]) == [allowed[0], *allowed[2:4]]
+    with pytest.raises(ValueError, match="not both"):
+        rec.recommend(["1"], eligible=both, allow_items=allowed)
 
 
 def test_similar_items_are_cosine_neighbours(rec):
