@@ -35,6 +35,7 @@ TIME_UNITS = ("second", "minute", "hour", "day", "personal")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 LOSSES = ("bce", "gbce", "sampled_softmax", "ce")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+BACKENDS = ("nccl", "gloo", "mpi", "ucc")  # torch.distributed's process-group backends
 BLOCKS = ("post", "pre", "ligr")
 PRESETS = importlib.resources.files("seqrec") / "presets"  # package data: the named recipes and the demo
 DEMO_PRESET = PRESETS / "demo.yaml"  # launch/configs/ mirrors it
@@ -215,7 +216,7 @@ class EvalConfig(Section):
 @dataclass
 class DistConfig(Section):
     multi_gpu: bool = opt(False, "require a torchrun environment and train with DistributedDataParallel")
-    backend: str | None = opt(None, "process-group backend (default: nccl on CUDA, gloo on CPU)")
+    backend: str | None = opt(None, "process-group backend (default: nccl on CUDA, gloo on CPU)", one_of(BACKENDS))
     master_port: int = opt(29500, "rendezvous port: train_distributed.sh pins torchrun to it when given; under "
                                   "your own torchrun the launcher's port wins",
                            Rule(lambda value: 1 <= value <= 65535, "a TCP port in 1..65535"))

@@ -45,7 +45,7 @@ def nvml_gpus() -> tuple[list[str], str | None]:
     try:
         import pynvml
     except ImportError:
-        return [], "pynvml is not installed (pip install nvidia-ml-py)"
+        return [], "pynvml is not installed (pip install 'seqrec[gpu]')"
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as err:

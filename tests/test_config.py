@@ -95,6 +95,7 @@ def test_seed_compat_flags():
     (["--seed", "-1"], r"seed must be in \[0, 2\*\*63\)"),
     (["--eval_seed", "-5"], "eval_seed must be in"),
     (["--master_port", "70000"], "master_port must be a TCP port"),
+    (["--backend", "ncl"], "backend must be one of nccl, gloo, mpi, ucc; got 'ncl'"),  # failed at init_process_group
     (["--topk", "1,x"], "'topk' expects list of ints"),
     (["--time_unit", "a\nb"], "time_unit must be one of .*'a\\\\nb'"),  # repr: still one line
 ])

@@ -129,7 +129,7 @@ def test_nvml_report_lists_each_gpu(monkeypatch):
 
 def test_nvml_absent_or_without_driver_is_a_skip_with_the_reason(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
-    assert envcheck.nvml_gpus() == ([], "pynvml is not installed (pip install nvidia-ml-py)")
+    assert envcheck.nvml_gpus() == ([], "pynvml is not installed (pip install 'seqrec[gpu]')")
     no_driver = fake_pynvml([])
     no_driver.nvmlInit = lambda: (_ for _ in ()).throw(FakeNVMLError("NVML Shared Library Not Found"))
     monkeypatch.setitem(sys.modules, "pynvml", no_driver)
