@@ -126,9 +126,10 @@ class GBCELoss(SampledLoss):
     With k negatives out of |I| - 1 items, alpha = k / (|I| - 1) and
     beta = alpha (t (1 - 1/alpha) + 1/alpha); t = 0 gives beta = 1 (plain BCE), t = 1
     calibrates the sampled model to full-softmax probabilities. The positive term
-    -log sigmoid(s)^beta is computed as BCE(gamma, 1) with
-    gamma = log(1 / (sigmoid(s)^-beta - 1)), in float64 as the paper's code does, because
-    sigmoid(s)^-beta - 1 underflows in float32 for confident positives.
+    -log sigmoid(s)^beta is beta * softplus(-s) exactly. (The paper's code feeds BCE the
+    transformed logit log(1 / (sigmoid(s)^-beta - 1)) instead, which needs float64 and
+    clamped scores to stay finite; this form is the same number in any dtype, and a positive
+    scored far below its negatives keeps its gradient -beta.)
     """
 
     default_negatives = 256
@@ -144,9 +145,7 @@ class GBCELoss(SampledLoss):
 
     def __call__(self, model, hidden, batch):
         pos, neg, valid = self.scores(model, hidden, batch)
-        pos64 = pos.double().clamp(-40, 40)
-        gamma = -torch.log(torch.expm1(-self.beta * F.logsigmoid(pos64)).clamp_min(1e-300))
-        per_position = F.softplus(-gamma).float() + F.softplus(neg).sum(-1)
+        per_position = self.beta * F.softplus(-pos) + F.softplus(neg).sum(-1)
         return (per_position * valid).sum(), valid.sum()
 
 

@@ -277,8 +277,15 @@ def test_unknown_flags_are_argparse_usage_errors(name):
     assert err.getvalue().startswith("usage: ") and "error: unrecognized arguments" in err.getvalue()
 
 
-def test_fuzz_oracle_matches_documented_examples():
-    """The oracle of check_loaded states the rule the docs give; pin it to examples."""
-    assert canonical(["007", "7", "-0"])[0] == ["7", "7", "0"]
-    assert canonical(["+1", "1"])[0] == ["+1", "1"]
-    assert canonical([str(2**63), "1"])[1] is str
+@pytest.mark.parametrize("users, expected", [
+    (["007", "7", "-0", "10"], ["0", "7", "10"]),  # all plain decimals: numbers, 007 = 7, numeric order
+    (["+1", "1", "10", "9"], ["+1", "1", "10", "9"]),  # one is not plain: every id a string, text order
+    ([str(2**63), "10", "9"], ["10", "9", str(2**63)]),  # beyond int64: strings
+])
+def test_the_documented_id_rule_by_example(tmp_path, users, expected):
+    """The rule the fuzz oracle (canonical) states, on examples through the real reader."""
+    path = tmp_path / "ids.txt"
+    path.write_text("".join(f"{user} {item}\n" for user in users for item in (5, 6, 7, 8)))
+    seqs = build_sequences(read_interactions(str(path)))
+    assert [str(u) for u in seqs.user_ids] == expected
+    assert set(canonical(users)[0]) == set(expected)  # the oracle the fuzz tests check against agrees

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO, small_config, train_losses
 from seqrec import config, losses
@@ -77,21 +78,38 @@ def test_bce_by_hand(model, k):
 def test_gbce_matches_its_definition_and_t0_is_bce(model):
     hidden, batch = make_batch(4)
     loss = GBCELoss(Negatives(4), num_items=30, t=0.75)
-    alpha = 4 / 29
-    beta = alpha * (0.75 * (1 - 1 / alpha) + 1 / alpha)
-    assert loss.beta == pytest.approx(beta)
+    beta = 0.75 * 4 / 29 + 0.25  # alpha (t (1 - 1/alpha) + 1/alpha) = t alpha + 1 - t
     sig = torch.sigmoid
     expected = sum(-beta * torch.log(sig(p)) - sum(torch.log(1 - sig(n)) for n in ns)
                    for p, ns in reference_terms(model, hidden, batch))
     assert torch.allclose(loss(model, hidden, batch)[0], expected.float(), rtol=1e-5)
     assert torch.allclose(GBCELoss(Negatives(4), 30, t=0.0)(model, hidden, batch)[0],
                           BCELoss(Negatives(4))(model, hidden, batch)[0])
+    assert GBCELoss(Negatives(4), 30, t=1.0).beta == pytest.approx(4 / 29)  # t = 1: beta = alpha
 
 
-def test_gbce_stays_finite_for_confident_positives(model):
-    hidden, batch = make_batch(4)
-    total, _ = GBCELoss(Negatives(4), 30, t=1.0)(model, hidden * 200, batch)
-    assert torch.isfinite(total)
+def test_gbce_is_exact_and_keeps_its_gradient_at_extreme_scores():
+    """Positive scores from -300 to 300 in float32: the loss is beta * softplus(-s) to float32
+    precision, and its gradient -beta sigmoid(-s) does not vanish for a positive scored far too low."""
+    model = Table()  # float32, as training runs
+    pos = torch.arange(1, 13).reshape(2, 6)
+    with torch.no_grad():
+        model.item_emb.weight.zero_()
+        model.item_emb.weight[1:13, 0] = 1.0
+    s = torch.linspace(-300, 300, 12, dtype=torch.float32).reshape(2, 6)
+    hidden = torch.zeros(2, 6, 8)
+    hidden[..., 0] = s
+    hidden.requires_grad_(True)
+    batch = {"pos": pos, "neg": torch.full((2, 6, 3), 20)}  # item 20's vector is 0: softplus(0) each
+    loss = GBCELoss(Negatives(3), num_items=30, t=0.75)
+    total, _ = loss(model, hidden, batch)
+    s64 = s.double()
+    expected = (loss.beta * F.softplus(-s64) + 3 * math.log(2)).sum()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    total.backward()
+    grad = hidden.grad[..., 0].double()
+    assert torch.allclose(grad, -loss.beta * torch.sigmoid(-s64), rtol=1e-5, atol=1e-30)
+    assert grad[0, 0] == pytest.approx(-loss.beta)  # s = -300: the clamped float64 form gave 0 here
 
 
 def test_sampled_softmax_by_hand(model):

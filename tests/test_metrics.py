@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from seqrec.config import EvalConfig
+from seqrec.config import EvalConfig, metric_names
 from seqrec.data.tensors import EvalSplit
 from seqrec.evaluate import eval_batch_size, evaluate
 from seqrec.metrics import metric_sums, pessimistic_rank
@@ -62,6 +62,16 @@ def test_sampled_hit_rate_cuts_at_ten():
     m = evaluate(FixedScores(table), split, EvalConfig(), num_items=13, protocols=("sampled",))
     assert m["sampled/HR@10"] == pytest.approx(0.5)
     assert m["sampled/NDCG@10"] == pytest.approx(1 / math.log2(11) / 2)
+
+
+def test_every_selectable_metric_is_computed():
+    """evaluate() reports every name of config.metric_names (the --select_metric choices), and a
+    name it did not compute would read 0: a model ranking each target first scores 1 on all."""
+    table = [[0.0, 0.1, 0.9, 0.3, 0.2, 0.0], [0.0, 0.8, 0.1, 0.95, 0.5, 0.7]]
+    split = make_split(targets=[2, 3], negatives=[[1, 3], [2, 5]], history_items=[[], []])
+    cfg = EvalConfig(topk=[3, 7])
+    m = evaluate(FixedScores(table), split, cfg, num_items=5)
+    assert sorted(m) == sorted(metric_names(cfg)) and set(m.values()) == {1.0}
 
 
 @pytest.mark.parametrize("chunk", [65536, 4, 2])  # one chunk; ids 0-3 + 4-5; three chunks of 2

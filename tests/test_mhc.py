@@ -241,6 +241,7 @@ def test_coefficient_ranges(n):
     assert {h_pre.dtype, h_post.dtype, h_res.dtype} == {torch.float32}
     assert h_pre.shape == h_post.shape == (4, 6, n) and h_res.shape == (4, 6, n, n)
     assert ((h_pre > 0) & (h_pre < 1)).all() and ((h_post > 0) & (h_post < 2)).all()
+    assert (h_post > 1).any()  # 2 sigmoid: a plain sigmoid would also stay inside (0, 2)
     assert (h_res >= 0).all() and torch.allclose(h_res.sum(-1), torch.ones(()), atol=1e-5)
     # Columns: see the Sinkhorn tests (near-permutation matrices, as here, converge slowly).
 
