@@ -180,7 +180,8 @@ class TrainConfig(Section):
                            "fp32 accumulation)")
     deterministic: bool = opt(False, "deterministic algorithms (torch.use_deterministic_algorithms, "
                                      "CUBLAS_WORKSPACE_CONFIG=:4096:8; slower on GPU, see docs/DISTRIBUTED_TRAINING.md)")
-    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient", POSITIVE)
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient "
+                                "(skipped on the device; counted at each --log_every boundary and epoch end)", POSITIVE)
     log_every: int = opt(50, "steps between loss/throughput log rows", POSITIVE)
     save_every_steps: int = opt(0, "also write latest.pt every this many steps, mid-epoch (0 = at epoch ends only)",
                                 NON_NEGATIVE)

@@ -5,10 +5,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+import seqrec
 from conftest import REPO, SHARED_DATA
+from seqrec import checkpoint as ckpt
+from seqrec.cli import console
 
 ML1M_HALF = SHARED_DATA / "ml-1m-half" / "ratings.dat"
 
@@ -58,6 +63,36 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path):
     result = main_py("--dataset", "demo", "--inference_only", "--state_dict_path", bad)
     assert result.returncode == 1 and "not a readable seqrec checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+class _Payload:
+    """Pickled, it calls open(marker, "w") when unpickled: code a checkpoint must never run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_malicious_checkpoint_runs_no_code_in_any_command(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "config": {}, "payload": _Payload(marker)}, evil)
+    torch.load(evil, weights_only=False)  # the payload works where a loader unpickles code
+    assert marker.exists()
+    marker.unlink()
+    commands = [["evaluate", "--dataset", "demo", "--state_dict_path", str(evil)],
+                ["recommend", "--checkpoint", str(evil), "--user", "1"],
+                ["export", "--checkpoint", str(evil), "--out", str(tmp_path / "m.pt2")]]
+    for argv in commands:
+        capsys.readouterr()
+        assert console(argv) != 0, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "evil.pt" in err, (argv, err)
+    with pytest.raises(ckpt.CheckpointError):
+        seqrec.load(evil)
+    assert not marker.exists()
 
 
 @pytest.mark.slow

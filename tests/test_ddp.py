@@ -111,6 +111,24 @@ def test_rank_death_restarts_and_matches_uninterrupted(data_file, tmp_path):
     assert metric_rows(tmp_path / "faulty") == metric_rows(tmp_path / "clean")
 
 
+def test_a_locked_run_directory_stops_every_rank_with_one_line(data_file, tmp_path):
+    """Under torchrun the main rank takes the lock and broadcasts a refusal: rank 1 must exit
+    with it too, not wait in a collective for a rank 0 that has gone."""
+    from seqrec.runlock import RunLock
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    holder = RunLock(run_dir).acquire()  # as another live run would hold it
+    try:
+        result = _torchrun(tmp_path, run_dir, data_file, None, "--overwrite")
+    finally:
+        holder.release()
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if "in use by another run" in line]
+    assert len(refusals) >= 2 and all(line.startswith("error: ") for line in refusals), result.stderr[-2000:]
+    assert "rank      : 1 (local_rank: 1)\n  exitcode  : 2" in result.stderr  # rank 1 refused too (ours: 2)
+    assert [p.name for p in run_dir.iterdir()] == [".lock"]  # nothing written
+
+
 def test_launcher_and_environment_check_run_end_to_end(tmp_path):
     """train_distributed.sh (2 gloo CPU processes, on the --master_port it is given) on the demo
     data, and test_distributed.py alone (spawning its own 2 processes) and under torchrun."""

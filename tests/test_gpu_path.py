@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from conftest import assert_close_parameters, small_config, train_losses
 from seqrec import checkpoint as ckpt
+from seqrec import distributed as dist
 from seqrec import trainer as trainer_module
 from seqrec.cli import claim_run, configure_backends, load_data, run
 from seqrec.devices import resolve_device
@@ -179,3 +180,22 @@ def test_ranks_without_a_shared_filesystem_resume_and_test_from_rank_0(data_file
     results = [json.loads((d / "results.json").read_text()) for d in (straight, split)]
     assert results[0]["test"] == pytest.approx(results[1]["test"], abs=1e-6)
     assert not list((tmp_path / "split" / "rank1").glob("*"))  # rank 1 wrote nothing of its own
+
+
+def test_ddp_gradients_are_views_of_its_buckets(data_file, tmp_path, monkeypatch):
+    """gradient_as_bucket_view: each gradient lives in DDP's all-reduce bucket instead of being
+    copied in and out of it (one gradient-sized copy and buffer less per step)."""
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    cfg = small_config(data_file, tmp_path / "r", train__num_epochs=1)
+    data, seqs = load_data(cfg, torch.device("cpu"))
+    dist.init(torch.device("cpu"), "gloo", free_port())
+    try:
+        trainer = Trainer(cfg, data, torch.device("cpu"), tmp_path / "r", list(seqs.item_ids.astype(str)))
+        assert trainer.ddp is not None and trainer.ddp.gradient_as_bucket_view
+        trainer.train_epoch(1)
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        assert grads and all(g._base is not None for g in grads)  # views into a bucket, not tensors of their own
+    finally:
+        dist.shutdown()

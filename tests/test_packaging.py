@@ -5,6 +5,7 @@ preset that make that possible: generated in code, byte-identical to the publish
 from __future__ import annotations
 
 import ast
+import re
 import hashlib
 import os
 import shutil
@@ -89,6 +90,16 @@ def test_one_version_string():
     assigned = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
                 and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__version__"]]
     assert assigned == [seqrec.__version__]  # a literal, so setuptools reads it without importing
+
+
+def test_the_declared_torch_minimum_installs_on_the_gpu_machines():
+    """The GPU machines this project is checked on run torch 2.11 with no network: a minimum
+    above it would make `pip install` fail there."""
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.match(r"torch\b", d)]
+    minimum = tuple(int(part) for part in re.fullmatch(r"torch>=(\d+)\.(\d+)", spec).groups())
+    assert (2, 6) <= minimum <= (2, 11)  # 2.6: nn.utils.get_total_norm, used by the trainer
 
 
 # ------------------------------------------------------------------ the wheel, installed

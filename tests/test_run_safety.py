@@ -4,6 +4,7 @@ stops training with a checkpoint from which the run continues exactly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,9 +97,29 @@ def test_resume_accepts_regrouping_and_resets_a_best_score_measured_otherwise(da
     assert ckpt.load(tmp_path / "r" / "best.pt")["epoch"] == 2  # chosen anew on the new metric
 
 
+@pytest.mark.parametrize("name", ["config.yaml", "results.json"])
+def test_small_run_files_are_replaced_whole_or_not_at_all(data_file, tmp_path, monkeypatch, name):
+    """A write that fails at the rename (a crash, a full disk) leaves the previous file as it was
+    and no temporary file behind."""
+    run(small_config(data_file, tmp_path / "r", train__num_epochs=1))
+    before = (tmp_path / "r" / name).read_bytes()
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(dst) == name:
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=2, run__resume=True))
+    assert (tmp_path / "r" / name).read_bytes() == before
+    assert not [p.name for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("method, at, step", [("train_step", 5, 6), ("save", 4, 4)])
 def test_a_signal_in_training_saves_and_the_resumed_run_is_the_uninterrupted_one(data_file, tmp_path, monkeypatch,
-                                                                                 method, at, step):
+                                                                                 capsys, method, at, step):
     """SIGTERM inside step 6 (epoch 2 of 4-step epochs), or inside the checkpoint write that
     ends epoch 1: what it interrupts ends first, latest.pt is written at that step (with the
     epoch's partial loss), and the resumed run logs the same rows and ends with the same
@@ -120,13 +141,37 @@ def test_a_signal_in_training_saves_and_the_resumed_run_is_the_uninterrupted_one
     assert not list((tmp_path / "split").glob(".*.tmp"))
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write('{"type": "train", "epo')
+    capsys.readouterr()
     run(small_config(data_file, tmp_path / "split", run__resume=True, **kw))
+    assert len(re.findall(r"metrics.jsonl:[0-9]+: skipping a torn metrics row", capsys.readouterr().out)) == 1
     assert metric_rows(tmp_path / "split") == metric_rows(tmp_path / "straight")
     a, b = ckpt.load(tmp_path / "straight" / "latest.pt"), ckpt.load(tmp_path / "split" / "latest.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_sigterm_to_the_command_exits_143_with_a_checkpoint(data_file, tmp_path):
+def test_a_signal_during_evaluation_stops_at_once(data_file, tmp_path, monkeypatch):
+    """A validation pass is not waited for (it can outlast a preemption's grace period): the run
+    stops inside it, and latest.pt is the one written when the epoch before ended."""
+    from seqrec import trainer as trainer_module
+    evaluated = []
+
+    def signalled(model, split, *args, **kw):
+        if len(evaluated) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        evaluated.append(True)  # not reached by the signalled call: the handler raises first
+        return original(model, split, *args, **kw)
+
+    original = trainer_module.evaluate
+    monkeypatch.setattr(trainer_module, "evaluate", signalled)
+    with pytest.raises(Preempted, match="SIGTERM received"):
+        run(small_config(data_file, tmp_path / "r", train__num_epochs=3, train__length_buckets=1))
+    assert len(evaluated) == 1
+    assert ckpt.load(tmp_path / "r" / "latest.pt")["epoch"] == 1
+    assert [r["epoch"] for r in metric_rows(tmp_path / "r") if r["type"] == "valid"] == [1]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_command_exits_128_plus_it_with_a_checkpoint(data_file, tmp_path, signum, code):
     flags = ["--data_path", str(data_file), "--device", "cpu", "--no_time", "--no_mhc", "--maxlen", "20",
              "--hidden_units", "16", "--batch_size", "16", "--eval_every", "1000", "--eval_negatives", "20",
              "--num_epochs", "400", "--save_every_steps", "3"]
@@ -136,10 +181,10 @@ def test_sigterm_to_the_command_exits_143_with_a_checkpoint(data_file, tmp_path)
     deadline = time.monotonic() + 120
     while not (tmp_path / "r" / "latest.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("stopped: SIGTERM: stopped at step")
+    assert proc.returncode == code, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"stopped: {signal.Signals(signum).name}: stopped at step")
     assert not list((tmp_path / "r").glob(".*.tmp"))
     step = ckpt.load(tmp_path / "r" / "latest.pt")["step"]
     assert step > 0 and f"at step {step} " in err
