@@ -20,6 +20,40 @@ def _rank_main(rank, world, port, cfg):
     run(cfg)
 
 
+def _rank_signalled_at(rank, world, port, cfg, at):
+    """A rank of which only rank 1 gets SIGTERM, inside step `at` (as one node of a job might)."""
+    import signal
+
+    from seqrec.trainer import Trainer
+    original = Trainer.train_step
+
+    def train_step(self, *args):
+        if rank == 1 and self.step == at - 1 and self.stops.signum is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    Trainer.train_step = train_step
+    _rank_main(rank, world, port, cfg)
+
+
+def test_ranks_stop_together_at_the_log_boundary_after_one_got_a_signal(data_file, tmp_path):
+    """Rank 1 alone is signalled in step 3; with --log_every 2 both ranks learn it at step 4's
+    boundary, save one checkpoint there and stop; resumed, the run equals an uninterrupted one."""
+    from torch.multiprocessing import ProcessRaisedException
+    kw = dict(dist__multi_gpu=True, train__num_epochs=2, train__log_every=2, train__length_buckets=1)
+    mp.start_processes(_rank_main, args=(2, free_port(), small_config(data_file, tmp_path / "straight", **kw)),
+                       nprocs=2, start_method="spawn")
+    with pytest.raises(ProcessRaisedException, match="SIGTERM: stopped at step 4"):
+        mp.start_processes(_rank_signalled_at, args=(2, free_port(), small_config(data_file, tmp_path / "split", **kw), 3),
+                           nprocs=2, start_method="spawn")
+    assert ckpt.load(tmp_path / "split" / "latest.pt")["step"] == 4
+    resumed = small_config(data_file, tmp_path / "split", run__resume=True, **kw)
+    mp.start_processes(_rank_main, args=(2, free_port(), resumed), nprocs=2, start_method="spawn")
+    a, b = ckpt.load(tmp_path / "straight" / "latest.pt"), ckpt.load(tmp_path / "split" / "latest.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert metric_rows(tmp_path / "split") == metric_rows(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("num_users, batch_size, accum", [
     (60, 16, 1),  # last global batch of 12 users: 6 per rank
     (59, 58, 1),  # last global batch of 1 user: rank 1 has nothing to do but must take part
