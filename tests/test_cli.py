@@ -79,7 +79,7 @@ def test_a_malicious_checkpoint_runs_no_code_in_any_command(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"model": {"w": torch.zeros(1)}, "config": {}, "payload": _Payload(marker)}, evil)
-    torch.load(evil, weights_only=False)  # the payload works where a loader unpickles code
+    torch.load(evil, weights_only=False)["payload"].close()  # the payload runs where a loader unpickles code
     assert marker.exists()
     marker.unlink()
     commands = [["evaluate", "--dataset", "demo", "--state_dict_path", str(evil)],

@@ -44,8 +44,8 @@ def test_ranks_stop_together_at_the_log_boundary_after_one_got_a_signal(data_fil
     mp.start_processes(_rank_main, args=(2, free_port(), small_config(data_file, tmp_path / "straight", **kw)),
                        nprocs=2, start_method="spawn")
     with pytest.raises(ProcessRaisedException, match="SIGTERM: stopped at step 4"):
-        mp.start_processes(_rank_signalled_at, args=(2, free_port(), small_config(data_file, tmp_path / "split", **kw), 3),
-                           nprocs=2, start_method="spawn")
+        split = small_config(data_file, tmp_path / "split", **kw)
+        mp.start_processes(_rank_signalled_at, args=(2, free_port(), split, 3), nprocs=2, start_method="spawn")
     assert ckpt.load(tmp_path / "split" / "latest.pt")["step"] == 4
     resumed = small_config(data_file, tmp_path / "split", run__resume=True, **kw)
     mp.start_processes(_rank_main, args=(2, free_port(), resumed), nprocs=2, start_method="spawn")
